@@ -1,0 +1,3 @@
+"""Shared fixtures: small real models, built once per session."""
+
+from __future__ import annotations
