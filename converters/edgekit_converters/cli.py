@@ -1,12 +1,163 @@
-"""`edgekit convert` (registered through the `edgekit.commands` entry point)."""
+"""`edgekit convert`: a thin click layer over ``pipeline.run`` (registered through the
+``edgekit.commands`` entry point, so the toolkit runs without TensorFlow)."""
 
 from __future__ import annotations
 
+import io
+import os
+import sys
+from pathlib import Path
+from types import TracebackType
+
 import click
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from edgekit.cli._output import console, emit_json, json_option_help
+from edgekit.profiles import resolve_profiles
+from edgekit_converters import budgets
+from edgekit_converters.calibration import IMAGE_RANGES
+from edgekit_converters.pipeline import Options, Reporter, run
+from edgekit_converters.report import render
+
+
+def _stderr_console() -> Console:
+    """A console on a private copy of fd 2: conversions silence fd 2 (TensorFlow's C++ logs), and the
+    progress display must keep drawing meanwhile."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return console  # not a real terminal stream (tests): nothing to protect
+    return Console(file=os.fdopen(os.dup(fd), "w", buffering=1), highlight=False)
+
+
+class _RichReporter(Reporter):
+    def __init__(self, out: Console) -> None:
+        self._progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.fields[profile]}[/bold]"),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} profiles"),
+            TimeElapsedColumn(),
+            console=out,
+            transient=True,
+        )
+        self._task = self._progress.add_task("starting", total=1, profile="")
+
+    def __enter__(self) -> _RichReporter:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._progress.stop()
+
+    def start(self, total: int) -> None:
+        self._progress.update(self._task, total=total)
+
+    def step(self, profile: str | None, text: str) -> None:
+        self._progress.update(self._task, description=text, profile=profile or "source")
+
+    def done(self, profile: str) -> None:
+        self._progress.advance(self._task)
 
 
 @click.command()
-@click.argument("model")
-def convert(model: str) -> None:
-    """Convert MODEL for device profiles (not built yet)."""
-    raise click.ClickException("not built yet")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option(
+    "--profile",
+    "-p",
+    "profiles",
+    multiple=True,
+    required=True,
+    help="device profile name or .toml file (repeatable; 'all' = every bundled profile)",
+)
+@click.option(
+    "--output",
+    "-o",
+    "output_dir",
+    type=click.Path(path_type=Path),
+    default=Path("out"),
+    show_default=True,
+    help="folder for the bundles (NAME-PROFILE.ekb)",
+)
+@click.option("--name", default=None, help="model name in the manifest (default: the model file's name)")
+@click.option("--version", "model_version", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--calibration",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=".npy (one input), .npz (arrays named like the inputs) or a folder of images",
+)
+@click.option(
+    "--validation",
+    type=click.Path(path_type=Path),
+    default=None,
+    help=".npy or .npz (optional 'labels' array for task accuracy); default: 20%% held out of --calibration",
+)
+@click.option(
+    "--synthetic-calibration",
+    is_flag=True,
+    help="calibrate on random data when you have none (the bundle is flagged: accuracy untrustworthy)",
+)
+@click.option(
+    "--calibration-samples",
+    type=click.IntRange(min=1),
+    default=None,
+    help="override the profiles' calibration_samples",
+)
+@click.option(
+    "--image-range",
+    type=click.Choice(sorted(IMAGE_RANGES)),
+    default="0,1",
+    show_default=True,
+    help="value range images from a folder are scaled to",
+)
+@click.option(
+    "--latency-seconds",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="time budget per batch size for the host latency measurement",
+)
+@click.option("--strict/--no-strict", default=True, help="--no-strict: report failed budgets as warnings, write the bundle")
+@click.option("--json", "as_json", is_flag=True, help=json_option_help)
+def convert(
+    model: Path,
+    profiles: tuple[str, ...],
+    output_dir: Path,
+    name: str | None,
+    model_version: int,
+    calibration: Path | None,
+    validation: Path | None,
+    synthetic_calibration: bool,
+    calibration_samples: int | None,
+    image_range: str,
+    latency_seconds: float,
+    strict: bool,
+    as_json: bool,
+) -> None:
+    """Convert MODEL (.keras, SavedModel folder or .onnx) for device profiles: quantize, export,
+    validate on the device's runtime, check budgets and write one bundle per profile."""
+    loaded = resolve_profiles(profiles)
+    options = Options(
+        output_dir=output_dir,
+        name=name,
+        version=model_version,
+        calibration=calibration,
+        validation=validation,
+        synthetic_calibration=synthetic_calibration,
+        strict=strict,
+        calibration_samples=calibration_samples,
+        image_range=image_range,
+        latency_seconds=latency_seconds,
+    )
+    out = _stderr_console()
+    with _RichReporter(out) as reporter:
+        report = run(model, loaded, options, reporter)
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        render(report, console)
+    if strict:
+        budgets.enforce(report.budget_failures)

@@ -1,0 +1,286 @@
+"""One conversion run: load the source once, then per profile convert -> check -> validate -> budgets
+-> write the bundle. Transport-free: the CLI and the benchmark drive it the same way.
+
+Everything intermediate (SavedModel exports, ONNX files) lives in one temporary directory that is
+removed however the run ends; bundles are written atomically by ``Bundle.write``.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import InvalidInputError
+from edgekit.profiles import Profile
+from edgekit_converters import budgets, calibration, constraints, to_onnx, to_tflite
+from edgekit_converters._native import captured_stderr
+from edgekit_converters.sources import Source, load_source
+from edgekit_converters.validation import validate
+from edgekit_runtime.bundle import (
+    MODEL_FILES,
+    Bundle,
+    GoldenInfo,
+    Manifest,
+    ProfileRef,
+    SourceInfo,
+    sha256_bytes,
+)
+
+_VERSIONED = ("edgekit-ml-converters", "tensorflow", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "numpy")
+
+
+@dataclass(frozen=True)
+class Options:
+    output_dir: Path
+    name: str | None = None
+    version: int = 1
+    calibration: Path | None = None
+    validation: Path | None = None
+    synthetic_calibration: bool = False
+    strict: bool = True
+    calibration_samples: int | None = None
+    image_range: str = "0,1"
+    latency_seconds: float = 1.0
+
+
+class Reporter:
+    """Progress hooks; the default does nothing. The CLI shows them as a rich progress display."""
+
+    def start(self, total: int) -> None:
+        """``total`` profiles will be converted."""
+
+    def step(self, profile: str | None, text: str) -> None:
+        """A new step started (``profile`` is None while loading the source)."""
+
+    def done(self, profile: str) -> None:
+        """A profile is finished."""
+
+
+@dataclass
+class ProfileResult:
+    profile: str
+    format: str
+    quantization: str
+    size_bytes: int
+    conversion_s: float
+    metrics: dict[str, Any]
+    checks: list[budgets.BudgetCheck]
+    facts: dict[str, Any]
+    notes: list[str]
+    bundle: Path | None = None
+
+    @property
+    def failed_budgets(self) -> list[budgets.BudgetCheck]:
+        return budgets.failures(self.checks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "format": self.format,
+            "quantization": self.quantization,
+            "bundle": str(self.bundle) if self.bundle else None,
+            "size_bytes": self.size_bytes,
+            "conversion_s": round(self.conversion_s, 3),
+            "metrics": self.metrics,
+            "budgets": [c.as_dict() for c in self.checks],
+            "budgets_ok": not self.failed_budgets,
+            "constraints": self.facts,
+            "notes": self.notes,
+        }
+
+
+@dataclass
+class Report:
+    source: dict[str, Any]
+    data_notes: list[str]
+    strict: bool
+    results: list[ProfileResult] = field(default_factory=list)
+
+    @property
+    def budget_failures(self) -> dict[str, list[budgets.BudgetCheck]]:
+        return {r.profile: r.failed_budgets for r in self.results if r.failed_budgets}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "data_notes": self.data_notes,
+            "strict": self.strict,
+            "ok": not (self.strict and self.budget_failures),
+            "profiles": [r.as_dict() for r in self.results],
+        }
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def check_output_dir(path: Path) -> None:
+    """Create ``path`` if needed and prove a file can be written there, before any slow work."""
+    how = "choose a folder you can write to with -o"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        msg = f"cannot write to output folder {path}: {e.strerror or e}; {how}"
+        raise InvalidInputError(msg) from e
+
+
+def default_name(model: Path) -> str:
+    """The model's file name, or its folder's name for generic names (``digits/model.keras`` -> digits)."""
+    stem = model.name if model.is_dir() else model.stem
+    if stem.lower() in {"model", "saved_model", "savedmodel"} and model.resolve().parent.name:
+        stem = model.resolve().parent.name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-._") or "model"
+    return name[:100]
+
+
+def _trim_to_batch(data: calibration.Dataset, batch: int | None) -> calibration.Dataset:
+    if not batch or data.rows % batch == 0:
+        return data
+    return data.head(data.rows - data.rows % batch)
+
+
+def convert_profile(
+    source: Source,
+    profile: Profile,
+    plan: calibration.DataPlan,
+    reference: dict[str, Any],
+    options: Options,
+    workdir: Path,
+    reporter: Reporter,
+) -> tuple[ProfileResult, Bundle]:
+    """Convert, check, validate and measure one profile; the bundle is returned, not yet written."""
+    c = profile.conversion
+    if c.format == "tflite" and not source.is_tensorflow:
+        msg = (
+            f"profile {profile.name} produces TFLite, which edgekit converts from Keras or SavedModel sources; "
+            f"{source.path} is ONNX: choose an ONNX profile (jetson-orin, x86-server) or convert the original model"
+        )
+        raise InvalidInputError(msg)
+    if options.calibration_samples:
+        profile = profile.model_copy(
+            update={"conversion": c.model_copy(update={"calibration_samples": options.calibration_samples})}
+        )
+        c = profile.conversion
+    calib = plan.calibration if c.needs_calibration else None
+    reporter.step(profile.name, f"converting to {c.format} {c.quantization}")
+    t0 = time.perf_counter()
+    if c.format == "tflite":
+        model, notes = to_tflite.convert(source, profile, calib)
+    else:
+        model, notes = to_onnx.convert(source, profile, calib, workdir)
+    conversion_s = time.perf_counter() - t0
+    reporter.step(profile.name, "checking the target's constraints")
+    facts = constraints.check(profile, c.format, model)
+    reporter.step(profile.name, "validating on the device runtime")
+    data = _trim_to_batch(plan.validation, c.static_batch)
+    ref = {k: v[: data.rows] for k, v in reference.items()}
+    with captured_stderr():  # LiteRT announces its XNNPACK delegate on fd 2
+        val = validate(c.format, model, profile, ref, data, latency_seconds=options.latency_seconds)
+    notes += val.notes
+    checks = budgets.check(profile.budgets, len(model), val.metrics)
+    name = options.name or default_name(source.path)
+    calib_info: dict[str, Any] = {}
+    if calib is not None:
+        calib_info = {
+            "data": calib.origin,
+            "samples": min(calib.rows, c.calibration_samples),
+            "synthetic": calib.synthetic,
+            "trustworthy": not calib.synthetic,
+        }
+        if c.format == "onnx":
+            calib_info["method"] = c.calibration_method
+        if calib.synthetic:
+            notes.append("calibrated on " + calibration.SYNTHETIC_NOTE)
+    manifest = Manifest(
+        name=name,
+        version=options.version,
+        format=c.format,
+        quantization=c.quantization,
+        model_file=MODEL_FILES[c.format],
+        model_sha256=sha256_bytes(model),
+        model_size_bytes=len(model),
+        inputs=val.signature.inputs,
+        outputs=val.signature.outputs,
+        profile=ProfileRef(name=profile.name, runtime=profile.runtime),
+        golden=GoldenInfo(count=next(iter(val.golden_inputs.values())).shape[0], atol=val.golden_atol),
+        source=SourceInfo(
+            path=source.path.name, format=source.kind, sha256=source.sha256, size_bytes=source.size_bytes
+        ),
+        calibration=calib_info,
+        validation={**val.metrics, "budgets": [ch.as_dict() for ch in checks]},
+        converter=_versions(),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    bundle = Bundle(manifest, model, val.golden_inputs, val.golden_outputs)
+    result = ProfileResult(profile.name, c.format, c.quantization, len(model), conversion_s, val.metrics, checks, facts, notes)
+    return result, bundle
+
+
+def run(model: Path, profiles: list[Profile], options: Options, reporter: Reporter | None = None) -> Report:
+    """Convert ``model`` for every profile. Bundles are written only for profiles within budget
+    (or all with ``strict=False``); the caller turns ``report.budget_failures`` into an error."""
+    reporter = reporter or Reporter()
+    model = Path(model)
+    out_dir = Path(options.output_dir)
+    check_output_dir(out_dir)
+    needing = [p.name for p in profiles if p.conversion.needs_calibration]
+    reporter.start(len(profiles))
+    with tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp:
+        workdir = Path(tmp)
+        reporter.step(None, f"loading {model}")
+        source = load_source(model, workdir)
+        samples = options.calibration_samples or max((p.conversion.calibration_samples for p in profiles), default=200)
+        plan = calibration.plan(
+            source.inputs,
+            calibration=options.calibration,
+            validation=options.validation,
+            synthetic_calibration=options.synthetic_calibration,
+            needs_calibration=bool(needing),
+            calibration_samples=samples,
+            image_range=options.image_range,
+            needing="profile(s) " + ", ".join(needing),
+        )
+        reporter.step(None, "running the source model on the validation data")
+        reference = source.predict(plan.validation.inputs)
+        report = Report(
+            source={
+                "path": str(model),
+                "format": source.kind,
+                "sha256": source.sha256,
+                "size_bytes": source.size_bytes,
+                "inputs": [s.model_dump() for s in source.inputs],
+                "outputs": source.output_names,
+                "validation_data": plan.validation.origin,
+                "validation_samples": plan.validation.rows,
+                "validation_labels": plan.validation.labels is not None,
+                "calibration_data": plan.calibration.origin if plan.calibration else None,
+            },
+            data_notes=plan.notes,
+            strict=options.strict,
+        )
+        for profile in profiles:
+            profile_dir = workdir / profile.name
+            profile_dir.mkdir()
+            result, bundle = convert_profile(source, profile, plan, reference, options, profile_dir, reporter)
+            if not (options.strict and result.failed_budgets):
+                reporter.step(profile.name, "writing the bundle")
+                target = out_dir / f"{bundle.manifest.name}-{profile.name}.ekb"
+                result.bundle = bundle.write(target)
+            report.results.append(result)
+            reporter.done(profile.name)
+    return report
