@@ -1,0 +1,357 @@
+"""Server-side batching of one model version with TF Serving's semantics.
+
+Capacity is counted in rows, never in requests: a batch closes when it holds ``max_batch_size``
+rows or when its oldest request has waited ``batch_timeout_micros``. A request bigger than
+``max_batch_size`` is split across batches and reassembled. Batches are padded up to the next of
+``allowed_batch_sizes`` (copies of the last row) and the padding is stripped from the results. The
+queue holds at most ``max_enqueued_batches`` batches' worth of rows; beyond that a request is
+refused at once (UnavailableError, HTTP 503), never left waiting. A batch that fails fails every
+request in it.
+
+Threads: requests are enqueued from any thread (usually the event loop); each of the
+``num_batch_threads`` workers owns one backend instance (a LiteRT interpreter is not thread-safe)
+and runs batches. Results go back to asyncio callers with one ``call_soon_threadsafe`` per batch
+and per loop, to ``concurrent.futures`` callers directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from edgekit_runtime.backends import Backend
+from edgekit_runtime.bundle import BatchingSettings
+from edgekit_runtime.errors import BackendError, EdgekitError, InvalidInputError, UnavailableError
+
+__all__ = ["Batcher", "BatcherClosedError", "Outputs", "padded_sizes"]
+
+log = logging.getLogger("edgekit_runtime.batching")
+
+Outputs = dict[str, np.ndarray]
+Feeds = dict[str, np.ndarray]
+AnyFuture = asyncio.Future[Outputs] | concurrent.futures.Future[Outputs]
+
+
+class BatcherClosedError(UnavailableError):
+    """The model version is unloading; the caller may retry on the version now serving."""
+
+
+class _Task:
+    """One request: its rows, how many were handed to batches, and the parts that came back."""
+
+    __slots__ = ("enqueued", "failed", "feeds", "future", "loop", "parts", "rows", "rows_done", "taken")
+
+    def __init__(self, feeds: Feeds, rows: int, future: AnyFuture, loop: asyncio.AbstractEventLoop | None) -> None:
+        self.feeds = feeds
+        self.rows = rows
+        self.future = future
+        self.loop = loop
+        self.enqueued = time.monotonic()
+        self.taken = 0
+        self.rows_done = 0
+        self.parts: list[tuple[int, Outputs]] = []
+        self.failed = False
+
+
+def padded_sizes(settings: BatchingSettings, fixed_batch: int | None) -> list[int]:
+    """The batch sizes the batcher pads up to: ``allowed_batch_sizes`` when set, else none (no padding).
+
+    Validated here so a bad config is an error naming the setting, not a hang later.
+    """
+    allowed = sorted(settings.allowed_batch_sizes)
+    if not allowed:
+        return []
+    if len(set(allowed)) != len(allowed) or allowed[0] < 1:
+        msg = f"allowed_batch_sizes {settings.allowed_batch_sizes} must be distinct positive sizes"
+        raise InvalidInputError(msg)
+    if allowed[-1] != settings.max_batch_size:
+        msg = (
+            f"allowed_batch_sizes {settings.allowed_batch_sizes}: the largest must equal max_batch_size "
+            f"({settings.max_batch_size}), as in TF Serving"
+        )
+        raise InvalidInputError(msg)
+    if fixed_batch is not None and any(s % fixed_batch for s in allowed):
+        msg = f"allowed_batch_sizes {settings.allowed_batch_sizes} must be multiples of the model's fixed batch {fixed_batch}"
+        raise InvalidInputError(msg)
+    return allowed
+
+
+def _resolve_many(items: list[tuple[AnyFuture, Outputs | None, BaseException | None]]) -> None:
+    for fut, result, exc in items:
+        if fut.done():
+            continue  # the caller went away (cancelled); nobody to tell
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)  # type: ignore[arg-type]
+
+
+class Batcher:
+    """Queue + worker threads for one model version. ``close()`` drains in-flight work first."""
+
+    def __init__(
+        self,
+        backends: Sequence[Backend],
+        settings: BatchingSettings,
+        *,
+        name: str = "model",
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        if not backends:
+            msg = "a batcher needs at least one backend"
+            raise ValueError(msg)
+        self.settings = settings
+        self._merge = settings.enabled
+        self._max = settings.max_batch_size
+        self._timeout = settings.batch_timeout_micros / 1e6
+        self._allowed = padded_sizes(settings, backends[0].fixed_batch)
+        self._fixed = backends[0].fixed_batch
+        # Batching on: the bound is in rows (max_enqueued_batches full batches). Off: in requests.
+        self._capacity = settings.max_enqueued_batches * (self._max if self._merge else 1)
+        self._queue: deque[_Task] = deque()
+        self._queued = 0  # rows (batching on) or requests (off) waiting
+        self._cond = threading.Condition(threading.Lock())
+        self._parts_lock = threading.Lock()
+        self._closed = False
+        self._on_batch = on_batch
+        self._input_names = [s.name for s in backends[0].signature.inputs]
+        self._backends = list(backends)
+        self._threads = [
+            threading.Thread(target=self._work, args=(b,), name=f"edgekit-batch-{name}-{i}", daemon=True)
+            for i, b in enumerate(self._backends)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- submitting ---------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        """Rows (batching on) or requests (batching off) waiting for a worker."""
+        return self._queued
+
+    @property
+    def max_request_rows(self) -> int:
+        return self._capacity if self._merge else 1 << 62
+
+    def submit_async(self, feeds: Feeds, rows: int) -> asyncio.Future[Outputs]:
+        """Enqueue from a running event loop; await the returned future for this request's rows."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outputs] = loop.create_future()
+        self._enqueue(_Task(feeds, rows, fut, loop))
+        return fut
+
+    def submit(self, feeds: Feeds, rows: int) -> concurrent.futures.Future[Outputs]:
+        """Enqueue from any thread; the returned future resolves to this request's rows."""
+        fut: concurrent.futures.Future[Outputs] = concurrent.futures.Future()
+        self._enqueue(_Task(feeds, rows, fut, None))
+        return fut
+
+    def _enqueue(self, task: _Task) -> None:
+        cost = task.rows if self._merge else 1
+        with self._cond:
+            if self._closed:
+                msg = "this model version is unloading; retry"
+                raise BatcherClosedError(msg)
+            if cost > self._capacity:
+                msg = (
+                    f"a request of {task.rows} rows exceeds what the queue can ever hold "
+                    f"(max_enqueued_batches x max_batch_size = {self._capacity} rows); send fewer rows per request"
+                )
+                raise InvalidInputError(msg)
+            if self._queued + cost > self._capacity:
+                msg = (
+                    f"the model's queue is full ({self._queued} {'rows' if self._merge else 'requests'} waiting, "
+                    f"max_enqueued_batches={self.settings.max_enqueued_batches}); retry later"
+                )
+                raise UnavailableError(msg)
+            was_empty = not self._queue
+            self._queue.append(task)
+            self._queued += cost
+            if was_empty or not self._merge or self._queued >= self._max:
+                self._cond.notify()
+
+    # -- working ------------------------------------------------------------------------------
+
+    def _work(self, backend: Backend) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._queue and not self._closed:
+                    cond.wait()
+                if not self._queue:
+                    return  # closed and drained
+                if self._merge and self._timeout > 0 and self._queued < self._max and not self._closed:
+                    deadline = self._queue[0].enqueued + self._timeout
+                    while self._queue and self._queued < self._max and not self._closed:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        cond.wait(remaining)
+                    if not self._queue:
+                        continue  # another worker took them
+                items = self._take()
+                if self._queue:
+                    cond.notify()  # more work than one batch: wake another worker
+            if items:
+                self._run(backend, items)
+
+    def _take(self) -> list[tuple[_Task, int, int]]:
+        """Pop up to one batch: whole requests, and the head of the next one if it does not fit."""
+        items: list[tuple[_Task, int, int]] = []
+        queue = self._queue
+        if not self._merge:
+            task = queue.popleft()
+            self._queued -= 1
+            if not task.failed and not task.future.cancelled():
+                items.append((task, 0, task.rows))
+            return items
+        n = 0
+        while queue and n < self._max:
+            task = queue[0]
+            if task.failed or task.future.cancelled():
+                queue.popleft()
+                self._queued -= task.rows - task.taken
+                continue
+            k = min(task.rows - task.taken, self._max - n)
+            items.append((task, task.taken, task.taken + k))
+            task.taken += k
+            n += k
+            if task.taken == task.rows:
+                queue.popleft()
+        self._queued -= n
+        return items
+
+    def _run(self, backend: Backend, items: list[tuple[_Task, int, int]]) -> None:
+        rows = sum(e - s for _, s, e in items)
+        padded = rows
+        try:
+            if len(items) == 1 and items[0][1] == 0 and items[0][2] == items[0][0].rows:
+                feeds = items[0][0].feeds
+            else:
+                feeds = {k: np.concatenate([t.feeds[k][s:e] for t, s, e in items]) for k in self._input_names}
+            padded = self._pad_to(rows)
+            if padded > rows:
+                feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded - rows, axis=0)]) for k, v in feeds.items()}
+            out = backend.run(feeds)
+            for k, v in out.items():
+                if v.ndim == 0 or v.shape[0] != padded:
+                    msg = (
+                        f"output {k!r} has shape {list(v.shape)}, not one row per input row ({padded}); "
+                        "this model cannot be batched: turn batching off for it"
+                    )
+                    raise BackendError(msg)
+        except EdgekitError as e:
+            self._fail(items, e)
+            return
+        except Exception as e:  # an engine bug must fail its callers, not kill the worker
+            log.exception("batch of %d rows failed", rows)
+            self._fail(items, BackendError(f"the model failed to run: {type(e).__name__}: {e}"))
+            return
+        finally:
+            if self._on_batch is not None:
+                self._on_batch(rows, padded)
+        self._deliver(items, out)
+
+    def _pad_to(self, rows: int) -> int:
+        for size in self._allowed:
+            if size >= rows:
+                return size
+        if self._fixed is not None and rows % self._fixed:
+            return rows + self._fixed - rows % self._fixed
+        return rows
+
+    def _deliver(self, items: list[tuple[_Task, int, int]], out: Outputs) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[AnyFuture, Outputs | None, BaseException | None]]] = {}
+        offset = 0
+        for task, s, e in items:
+            n = e - s
+            part = {k: v[offset : offset + n] for k, v in out.items()}
+            offset += n
+            if n == task.rows:
+                result: Outputs | None = part
+            else:
+                result = None
+                with self._parts_lock:
+                    if task.failed:
+                        continue
+                    task.parts.append((s, part))
+                    task.rows_done += n
+                    if task.rows_done == task.rows:
+                        task.parts.sort(key=lambda p: p[0])
+                        result = {k: np.concatenate([p[k] for _, p in task.parts]) for k in task.parts[0][1]}
+                        task.parts = []
+            if result is None:
+                continue
+            self._resolve(task, result, None, by_loop)
+        for loop, batch in by_loop.items():
+            self._call_in_loop(loop, batch)
+
+    def _fail(self, items: list[tuple[_Task, int, int]], exc: BaseException) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[AnyFuture, Outputs | None, BaseException | None]]] = {}
+        for task, _, _ in items:
+            with self._parts_lock:
+                if task.failed:
+                    continue
+                task.failed = True
+                task.parts = []
+            self._resolve(task, None, exc, by_loop)
+        for loop, batch in by_loop.items():
+            self._call_in_loop(loop, batch)
+
+    @staticmethod
+    def _resolve(
+        task: _Task,
+        result: Outputs | None,
+        exc: BaseException | None,
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[AnyFuture, Outputs | None, BaseException | None]]],
+    ) -> None:
+        if task.loop is not None:
+            by_loop.setdefault(task.loop, []).append((task.future, result, exc))
+            return
+        fut: Any = task.future
+        try:
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+        except concurrent.futures.InvalidStateError:
+            pass  # cancelled by the caller
+
+    @staticmethod
+    def _call_in_loop(
+        loop: asyncio.AbstractEventLoop, batch: list[tuple[AnyFuture, Outputs | None, BaseException | None]]
+    ) -> None:
+        try:
+            loop.call_soon_threadsafe(_resolve_many, batch)
+        except RuntimeError:
+            pass  # the loop is closed: its callers are gone
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self, *, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop taking requests; finish the queued ones (``drain``) or fail them; stop workers; close backends."""
+        with self._cond:
+            self._closed = True
+            dropped: list[_Task] = []
+            if not drain:
+                dropped = list(self._queue)
+                self._queue.clear()
+                self._queued = 0
+            self._cond.notify_all()
+        if dropped:
+            self._fail([(t, 0, t.rows) for t in dropped], UnavailableError("the model was unloaded; retry"))
+        me = threading.current_thread()
+        for t in self._threads:
+            if t is not me:
+                t.join(timeout)
+        for b in self._backends:
+            b.close()

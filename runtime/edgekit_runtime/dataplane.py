@@ -1,0 +1,115 @@
+"""The transport-free serving logic both HTTP protocols share: find the model, infer, count, report.
+
+The HTTP adapters (``server/v1.py``, ``server/v2.py``) only decode their wire format into
+``{input name: array}`` and encode the outputs back; everything else is here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from edgekit_runtime import __version__
+from edgekit_runtime.batching import BatcherClosedError, Outputs
+from edgekit_runtime.errors import EdgekitError, NotFoundError
+from edgekit_runtime.model import LoadedModel
+from edgekit_runtime.runtime import Runtime, VersionStatus
+
+__all__ = ["DataPlane"]
+
+SERVER_NAME = "edgekit-runtime"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+
+
+def parse_version(version: str | None) -> int | None:
+    if version is None:
+        return None
+    if not version.isdigit() or int(version) < 1:
+        msg = f"version {version!r} does not exist: versions are positive integers"
+        raise NotFoundError(msg)
+    return int(version)
+
+
+class DataPlane:
+    """What a server can ask of the runtime, independent of the wire format."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.metrics = runtime.metrics
+
+    # -- inference ----------------------------------------------------------------------------
+
+    def model(self, name: str, version: str | None = None) -> LoadedModel:
+        """The model version a request addresses; NotFoundError (404) / UnavailableError (503) if none."""
+        return self.runtime.get(name, parse_version(version))
+
+    async def infer(self, model: LoadedModel, feeds: dict[str, Any], *, pinned: bool = False) -> Outputs:
+        """Run one request's rows through the model's batcher; counts requests, errors and latency."""
+        m = model.metrics
+        start = time.perf_counter()
+        try:
+            try:
+                return await model.infer_async(feeds)
+            except BatcherClosedError:
+                # The version was swapped out between lookup and enqueue: the new one answers.
+                model = self.runtime.get(model.name, model.version if pinned else None)
+                return await model.infer_async(feeds)
+        except EdgekitError as e:
+            if m is not None:
+                m.errors_by_code(e.http_status).inc()
+            raise
+        finally:
+            if m is not None:
+                m.requests.inc()
+                m.latency.observe(time.perf_counter() - start)
+
+    def count_error(self, model: LoadedModel, error: EdgekitError) -> None:
+        """Count a request that failed before inference (undecodable body, wrong input)."""
+        if model.metrics is not None:
+            model.metrics.requests.inc()
+            model.metrics.errors_by_code(error.http_status).inc()
+
+    # -- health and status --------------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.runtime.is_ready()
+
+    def model_ready(self, name: str, version: str | None = None) -> tuple[bool, str]:
+        """(ready, why not) of a model or one version; NotFoundError for an unknown model."""
+        try:
+            self.model(name, version)
+        except NotFoundError as e:
+            if name not in self.runtime.models():
+                raise
+            return False, e.message
+        except EdgekitError as e:
+            return False, e.message
+        return True, ""
+
+    def status(self, name: str, version: str | None = None) -> list[VersionStatus]:
+        return self.runtime.status(name, parse_version(version))
+
+    def versions(self, name: str) -> list[int]:
+        return [s.version for s in self.runtime.status(name) if s.state == "AVAILABLE"]
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        out = []
+        for name in self.runtime.models():
+            for st in self.runtime.status(name):
+                item: dict[str, Any] = {"name": name, "version": str(st.version), "state": _V2_STATE.get(st.state, st.state)}
+                if st.error_message:
+                    item["reason"] = st.error_message
+                out.append(item)
+        return out
+
+    def reload(self, name: str | None = None) -> list[VersionStatus]:
+        return self.runtime.reload(name)
+
+
+_V2_STATE = {"AVAILABLE": "READY", "LOADING": "LOADING", "UNLOADING": "UNLOADING", "END": "UNAVAILABLE", "START": "LOADING"}

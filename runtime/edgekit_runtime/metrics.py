@@ -1,0 +1,107 @@
+"""Prometheus metrics of the runtime, labelled by model and version (one registry per Runtime)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+__all__ = ["CONTENT_TYPE", "Metrics", "ModelMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# *_created series double the scrape size for nothing a device dashboard uses.
+disable_created_metrics()
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+#: (model, version, queued rows) of every loaded version, read at scrape time
+QueueSource = Callable[[], Iterable[tuple[str, str, int]]]
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """Label children resolved once per model version, so the request path only increments."""
+
+    requests: Counter
+    errors_by_code: Callable[[int], Counter]
+    latency: Histogram
+    batch_rows: Histogram
+    padding_rows: Counter
+
+    def on_batch(self, rows: int, padded: int) -> None:
+        self.batch_rows.observe(rows)
+        if padded > rows:
+            self.padding_rows.inc(padded - rows)
+
+
+class _QueueCollector(Collector):
+    def __init__(self) -> None:
+        self.source: QueueSource | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        depth = GaugeMetricFamily(
+            "edgekit_queue_depth", "Rows waiting for a batch worker (requests when batching is off)", labels=["model", "version"]
+        )
+        if self.source is not None:
+            for model, version, rows in self.source():
+                depth.add_metric([model, version], rows)
+        yield depth
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+class Metrics:
+    """The runtime's metrics; ``render()`` gives the Prometheus text exposition."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model", "version"]
+        self.requests = Counter(
+            "edgekit_requests", "Inference requests received", labels, registry=self.registry
+        )
+        self.errors = Counter(
+            "edgekit_request_errors", "Inference requests that failed, by HTTP status", [*labels, "code"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "edgekit_request_latency_seconds",
+            "Inference latency inside the server (decoded request to outputs)",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.batch_rows = Histogram(
+            "edgekit_batch_size", "Rows per executed batch (before padding)", labels, buckets=_BATCH_BUCKETS, registry=self.registry
+        )
+        self.padding = Counter(
+            "edgekit_batch_padding_rows", "Dummy rows added to reach an allowed batch size", labels, registry=self.registry
+        )
+        self._queue = _QueueCollector()
+        self.registry.register(self._queue)
+
+    def set_queue_source(self, source: QueueSource) -> None:
+        self._queue.source = source
+
+    def for_model(self, name: str, version: int) -> ModelMetrics:
+        v = str(version)
+
+        def errors_by_code(code: int) -> Counter:
+            return self.errors.labels(name, v, str(code))
+
+        return ModelMetrics(
+            requests=self.requests.labels(name, v),
+            errors_by_code=errors_by_code,
+            latency=self.latency.labels(name, v),
+            batch_rows=self.batch_rows.labels(name, v),
+            padding_rows=self.padding.labels(name, v),
+        )
+
+    def error(self, model: str, version: str, code: int) -> None:
+        self.errors.labels(model, version, str(code)).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

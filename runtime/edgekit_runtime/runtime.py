@@ -1,0 +1,363 @@
+"""The Runtime: which model versions are loaded, hot swap, and in-process prediction.
+
+``Runtime`` watches its sources (stores and ``.ekb`` files), applies each model's version policy,
+loads new versions beside the serving ones (warm-up and golden smoke test included), switches
+atomically and unloads the old version after its in-flight requests finish. A version that fails
+to load never serves; the model keeps serving what it had and its status says why.
+
+    with Runtime() as rt:
+        rt.load("mlp.ekb")
+        out = rt.predict("mlp", {"x": np.zeros((2, 4), np.float32)})
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from edgekit_runtime.batching import BatcherClosedError, Outputs
+from edgekit_runtime.config import BatchingOverrides, Config, runtime_settings
+from edgekit_runtime.errors import (
+    BundleError,
+    EdgekitError,
+    InvalidInputError,
+    NotFoundError,
+    SmokeTestError,
+    UnavailableError,
+)
+from edgekit_runtime.metrics import Metrics
+from edgekit_runtime.model import LoadedModel
+from edgekit_runtime.store import Candidate, scan_source
+
+__all__ = ["Runtime", "VersionStatus"]
+
+log = logging.getLogger("edgekit_runtime")
+
+# TF Serving's ModelVersionStatus states and error codes.
+START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
+
+
+def _error_code(e: BaseException) -> str:
+    if isinstance(e, SmokeTestError | BundleError):
+        return "FAILED_PRECONDITION"
+    if isinstance(e, InvalidInputError):
+        return "INVALID_ARGUMENT"
+    if isinstance(e, NotFoundError):
+        return "NOT_FOUND"
+    return "UNKNOWN"
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """What happened to one version: TF Serving's state, an error code and message, and details."""
+
+    version: int
+    state: str
+    error_code: str = "OK"
+    error_message: str = ""
+    origin: str = ""
+    detail: str = ""
+
+
+@dataclass
+class _Entry:
+    name: str
+    # Replaced (never mutated) on every switch, so the request path reads a consistent snapshot.
+    versions: dict[int, LoadedModel] = field(default_factory=dict)
+    default: LoadedModel | None = None
+    status: dict[int, VersionStatus] = field(default_factory=dict)
+    failed: dict[int, Any] = field(default_factory=dict)
+
+
+class Runtime:
+    """Loads bundles from stores and files, keeps the right versions serving, predicts.
+
+    Keyword arguments:
+        config: serving config (version policies, per-model batching); defaults to an empty one.
+        batching: batching overrides applied to every model last (the CLI flags).
+        threads: engine threads for every model (overrides profile and config).
+        metrics: where to count requests and batches; a fresh registry by default.
+    """
+
+    def __init__(
+        self,
+        sources: Iterable[str | Path] = (),
+        *,
+        config: Config | None = None,
+        batching: BatchingOverrides | None = None,
+        threads: int | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config or Config()
+        self._flags = batching
+        self._threads = threads
+        self.metrics = metrics or Metrics()
+        self.metrics.set_queue_source(self._queue_depths)
+        self._sources: list[Path] = []
+        self._models: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._started = False
+        self.problems: list[str] = []
+        for s in sources:
+            self.add_source(s)
+
+    # -- sources and versions -----------------------------------------------------------------
+
+    def add_source(self, path: str | Path) -> Path:
+        """Serve what ``path`` offers (a store, a model folder, a version folder or a ``.ekb`` file)."""
+        p = Path(path).expanduser()
+        if not p.exists():
+            msg = f"{p}: no such store directory or bundle file"
+            raise NotFoundError(msg)
+        if p.is_file() and p.suffix != ".ekb":
+            msg = f"{p}: not a bundle (.ekb) nor a store directory"
+            raise InvalidInputError(msg)
+        with self._lock:
+            if p not in self._sources:
+                self._sources.append(p)
+        return p
+
+    def load(self, path: str | Path) -> list[str]:
+        """Add a source and load it now; returns the model names it offers. Raises if one of them fails."""
+        p = self.add_source(path)
+        self.refresh()
+        found, problems = scan_source(p)
+        if problems:
+            raise BundleError(problems[0])
+        names = sorted({c.name for c in found})
+        for name in names:
+            self.get(name)  # raises UnavailableError naming why the model is not serving
+        return names
+
+    def refresh(self) -> None:
+        """Scan the sources once: load new versions, retry changed failed ones, unload what the policy drops."""
+        with self._lock:
+            offered: dict[str, dict[int, Candidate]] = {}
+            problems: list[str] = []
+            for src in self._sources:
+                found, probs = scan_source(src)
+                problems += probs
+                for c in found:
+                    offered.setdefault(c.name, {}).setdefault(c.version, c)
+            for p in problems:
+                if p not in self.problems:
+                    log.warning("%s", p)
+            self.problems = problems
+            for name in sorted(set(offered) | set(self._models)):
+                self._sync(name, offered.get(name, {}))
+            self._started = True
+
+    def reload(self, name: str | None = None) -> list[VersionStatus]:
+        """Rescan now and retry versions that failed before (of ``name``, or of every model)."""
+        with self._lock:
+            if name is not None and name not in self._models:
+                offered = {c.name for s in self._sources for c in scan_source(s)[0]}
+                if name not in offered:
+                    raise NotFoundError(self._unknown(name))
+            for entry in self._models.values():
+                if name is None or entry.name == name:
+                    entry.failed.clear()
+            self.refresh()
+            return self.status(name) if name is not None else []
+
+    def _sync(self, name: str, cands: dict[int, Candidate]) -> None:
+        entry = self._models.get(name)
+        if entry is None:
+            entry = self._models[name] = _Entry(name)
+        policy = self.config.model(name).version_policy
+        while True:
+            usable = {v for v, c in cands.items() if entry.failed.get(v) != c.key}
+            desired = policy.select(usable)
+            to_load = sorted(desired - entry.versions.keys(), reverse=True)
+            if not to_load:
+                break
+            for v in to_load:
+                self._load_version(entry, cands[v])
+        for v in sorted(entry.versions):
+            if v not in desired:
+                why = "not offered by any source any more" if v not in cands else f"outside the version policy ({policy.describe()})"
+                self._unload(entry, v, why)
+
+    def _load_version(self, entry: _Entry, cand: Candidate) -> None:
+        v = cand.version
+        entry.status[v] = VersionStatus(v, LOADING, origin=cand.origin)
+        log.info("loading %s v%d from %s", entry.name, v, cand.origin)
+        try:
+            bundle = cand.read()
+            m = bundle.manifest
+            if (m.name, m.version) != (entry.name, v):
+                msg = f"{cand.origin}: changed while loading (now {m.name} v{m.version})"
+                raise BundleError(msg)
+            settings = runtime_settings(m.profile.runtime, self.config, m.name, flags=self._flags, threads=self._threads)
+            lm = LoadedModel.load(
+                bundle, settings, origin=cand.origin, key=cand.key, metrics=self.metrics.for_model(m.name, v)
+            )
+        except Exception as e:  # noqa: BLE001 - any failure of one version must leave the rest serving
+            message = e.message if isinstance(e, EdgekitError) else f"{type(e).__name__}: {e}"
+            entry.failed[v] = cand.key
+            entry.status[v] = VersionStatus(v, END, _error_code(e), message, cand.origin)
+            log.error("%s v%d failed to load and will not serve: %s", entry.name, v, message)  # noqa: TRY400
+            return
+        versions = {**entry.versions, v: lm}
+        entry.versions = versions
+        entry.default = versions[max(versions)]  # the switch: one reference assignment
+        detail = lm.smoke + "".join(f"; {n}" for n in lm.notes)
+        entry.status[v] = VersionStatus(v, AVAILABLE, origin=cand.origin, detail=detail)
+        b = settings.batching
+        log.info(
+            "serving %s v%d (%s; batching %s max_batch_size=%d timeout=%dus threads=%d)",
+            entry.name,
+            v,
+            lm.smoke,
+            "on" if b.enabled else "off",
+            b.max_batch_size,
+            b.batch_timeout_micros,
+            b.num_batch_threads,
+        )
+
+    def _unload(self, entry: _Entry, v: int, why: str) -> None:
+        lm = entry.versions[v]
+        versions = {k: m for k, m in entry.versions.items() if k != v}
+        entry.versions = versions
+        entry.default = versions[max(versions)] if versions else None
+        entry.status[v] = replace(entry.status[v], state=UNLOADING)
+        lm.close()  # waits for the requests already queued on this version
+        entry.status[v] = replace(entry.status[v], state=END, detail=f"unloaded: {why}")
+        log.info("unloaded %s v%d: %s", entry.name, v, why)
+
+    # -- watching -----------------------------------------------------------------------------
+
+    def start(self, *, poll_seconds: float = 2.0) -> None:
+        """Load what the sources offer now, then watch them every ``poll_seconds`` (0 = do not watch)."""
+        self.refresh()
+        if poll_seconds > 0 and self._watcher is None:
+            self._watcher = threading.Thread(target=self._watch, args=(poll_seconds,), name="edgekit-watch", daemon=True)
+            self._watcher.start()
+
+    def _watch(self, poll_seconds: float) -> None:
+        while not self._stop.wait(poll_seconds):
+            try:
+                self.refresh()
+            except Exception:  # the watcher must survive a bad scan
+                log.exception("scanning the model sources failed")
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _unknown(self, name: str) -> str:
+        served = ", ".join(sorted(self._models)) or "none"
+        return f"model {name!r} is not served here; served models: {served}"
+
+    def get(self, name: str, version: int | None = None) -> LoadedModel:
+        """The serving version of ``name`` (the newest loaded, or exactly ``version``)."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise NotFoundError(self._unknown(name))
+        if version is None:
+            lm = entry.default
+            if lm is None:
+                raise UnavailableError(f"model {name!r} has no version ready: {self._why(entry)}")
+            return lm
+        lm = entry.versions.get(version)
+        if lm is not None:
+            return lm
+        st = entry.status.get(version)
+        if st is not None and st.state in (START, LOADING):
+            raise UnavailableError(f"version {version} of model {name!r} is still loading; retry")
+        loaded = ", ".join(str(v) for v in sorted(entry.versions)) or "none"
+        why = f" ({st.error_message or st.detail})" if st is not None and (st.error_message or st.detail) else ""
+        raise NotFoundError(f"version {version} of model {name!r} is not loaded{why}; loaded versions: {loaded}")
+
+    @staticmethod
+    def _why(entry: _Entry) -> str:
+        for v in sorted(entry.status, reverse=True):
+            st = entry.status[v]
+            if st.state in (START, LOADING):
+                return f"version {v} is loading"
+            if st.error_message:
+                return f"version {v} failed: {st.error_message}"
+        return "no version found in the sources"
+
+    def models(self) -> list[str]:
+        return sorted(self._models)
+
+    def status(self, name: str, version: int | None = None) -> list[VersionStatus]:
+        """TF Serving's model_version_status: every version this runtime tried, newest first."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise NotFoundError(self._unknown(name))
+        items = sorted(entry.status.values(), key=lambda s: -s.version)
+        if version is not None:
+            items = [s for s in items if s.version == version]
+            if not items:
+                raise NotFoundError(f"model {name!r} has no version {version}")
+        return items
+
+    def is_ready(self) -> bool:
+        """True once the sources were loaded and every model has a version serving."""
+        return self._started and all(e.default is not None for e in self._models.values())
+
+    def _queue_depths(self) -> list[tuple[str, str, int]]:
+        return [
+            (name, str(v), lm.batcher.queue_depth)
+            for name, entry in list(self._models.items())
+            for v, lm in entry.versions.items()
+        ]
+
+    # -- prediction ---------------------------------------------------------------------------
+
+    async def apredict(self, name: str, inputs: dict[str, Any], version: int | None = None) -> Outputs:
+        """Predict from a coroutine; ``inputs`` maps input names to arrays with a leading row dimension."""
+        for attempt in range(2):
+            lm = self.get(name, version)
+            try:
+                return await lm.infer_async(inputs)
+            except BatcherClosedError:
+                if attempt:  # the version unloaded between lookup and enqueue: once more on the new one
+                    raise
+        raise AssertionError  # pragma: no cover
+
+    def predict(self, name: str, inputs: dict[str, Any], version: int | None = None, *, timeout: float | None = None) -> Outputs:
+        """Predict from synchronous code (any thread); blocks until this request's rows are back."""
+        for attempt in range(2):
+            lm = self.get(name, version)
+            try:
+                fut, _ = lm.infer_future(inputs)
+            except BatcherClosedError:
+                if attempt:
+                    raise
+                continue
+            return lm.finish(fut.result(timeout))
+        raise AssertionError  # pragma: no cover
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop watching, finish in-flight requests, free every engine."""
+        self._stop.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(30)
+        with self._lock:
+            for entry in self._models.values():
+                for v in sorted(entry.versions):
+                    self._unload(entry, v, "runtime closed")
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Runtime:
+        return self
+
+    async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        await asyncio.to_thread(self.close)
+

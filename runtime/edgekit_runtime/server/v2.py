@@ -1,0 +1,234 @@
+"""The Open Inference Protocol v2 (KServe / Triton / MLServer), with the binary tensor data extension.
+
+Binary extension: the body is the JSON header followed by raw little-endian tensors; the header's
+length is in ``Inference-Header-Content-Length``; an input's ``parameters.binary_data_size`` says how
+many bytes it takes; BYTES elements are each prefixed with a 4-byte little-endian length. Outputs are
+binary when asked per output (``parameters.binary_data``) or for all (``parameters.binary_data_output``),
+and the reply uses the same layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from math import prod
+from typing import Any
+
+import numpy as np
+
+from edgekit_runtime.dataplane import DataPlane
+from edgekit_runtime.errors import EdgekitError, InvalidInputError
+from edgekit_runtime.model import LoadedModel
+from edgekit_runtime.server.errors import Reply, json_reply
+from edgekit_runtime.server.jsonutil import dumps, jsonable, loads
+from edgekit_runtime.tensors import numpy_dtype, v2_datatype
+
+__all__ = ["HEADER_LENGTH", "infer", "model_metadata", "model_ready"]
+
+HEADER_LENGTH = b"inference-header-content-length"
+_OCTET = b"application/octet-stream"
+_PLATFORM = {"tflite": "tensorflow_lite", "onnx": "onnxruntime_onnx"}
+
+
+def model_metadata(dp: DataPlane, name: str, version: str | None) -> Reply:
+    lm = dp.model(name, version)
+    return json_reply(
+        {
+            "name": lm.name,
+            "versions": [str(v) for v in dp.versions(name)] if version is None else [str(lm.version)],
+            "platform": _PLATFORM.get(lm.manifest.format, lm.manifest.format),
+            "inputs": [{"name": s.name, "datatype": v2_datatype(s.dtype), "shape": s.shape} for s in lm.inputs],
+            "outputs": [{"name": s.name, "datatype": v2_datatype(s.dtype), "shape": s.shape} for s in lm.outputs],
+        }
+    )
+
+
+def model_ready(dp: DataPlane, name: str, version: str | None) -> Reply:
+    ready, why = dp.model_ready(name, version)
+    doc: dict[str, Any] = {"name": name, "ready": ready}
+    if why:
+        doc["error"] = why
+    # The protocol: 200 means ready, a 4xx means not ready.
+    return json_reply(doc, 200 if ready else 400)
+
+
+async def load(dp: DataPlane, name: str) -> Reply:
+    """``POST /v2/repository/models/{m}/load`` (Triton's repository extension): rescan and retry now."""
+    await asyncio.to_thread(dp.reload, name)
+    ready, why = dp.model_ready(name)
+    if not ready:
+        return json_reply({"error": why}, 400)
+    return json_reply({})
+
+
+# -- infer ------------------------------------------------------------------------------------
+
+
+def _bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
+    out = np.empty(count, dtype=object)
+    pos = 0
+    for i in range(count):
+        if pos + 4 > len(buf):
+            msg = f"input {name!r}: BYTES data ends after {i} of {count} elements"
+            raise InvalidInputError(msg)
+        (n,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if pos + n > len(buf):
+            msg = f"input {name!r}: BYTES element {i} is longer than the data"
+            raise InvalidInputError(msg)
+        out[i] = bytes(buf[pos : pos + n])
+        pos += n
+    if pos != len(buf):
+        msg = f"input {name!r}: {len(buf) - pos} bytes left after {count} BYTES elements"
+        raise InvalidInputError(msg)
+    return out
+
+
+def _shape(raw: Any, name: str) -> list[int]:
+    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+        msg = f"input {name!r}: 'shape' must be a list of non-negative integers, got {raw!r}"
+        raise InvalidInputError(msg)
+    return raw
+
+
+def _decode_input(inp: Any, binary: memoryview, offset: int, lm: LoadedModel) -> tuple[str, np.ndarray, int]:
+    if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
+        msg = "each element of 'inputs' must be an object with 'name', 'shape', 'datatype' and 'data'"
+        raise InvalidInputError(msg)
+    name: str = inp["name"]
+    shape = _shape(inp.get("shape"), name)
+    datatype = inp.get("datatype")
+    if not isinstance(datatype, str):
+        msg = f"input {name!r}: 'datatype' is missing (one of BOOL, UINT8..64, INT8..64, FP16, FP32, FP64, BYTES)"
+        raise InvalidInputError(msg)
+    datatype = datatype.upper()
+    dt = numpy_dtype(datatype)
+    count = prod(shape)
+    params = inp.get("parameters") or {}
+    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+            msg = f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} binary bytes left"
+            raise InvalidInputError(msg)
+        chunk = binary[offset : offset + size]
+        offset += size
+        if datatype == "BYTES":
+            arr = _bytes_elements(chunk, count, name)
+        else:
+            if size != count * dt.itemsize:
+                msg = f"input {name!r}: shape {shape} of {datatype} needs {count * dt.itemsize} bytes, got {size}"
+                raise InvalidInputError(msg)
+            arr = np.frombuffer(chunk, dtype=dt.newbyteorder("<"))
+    else:
+        if "data" not in inp:
+            msg = f"input {name!r} has no 'data' (and no parameters.binary_data_size)"
+            raise InvalidInputError(msg)
+        data = inp["data"]
+        try:
+            if datatype == "BYTES":
+                flat = np.asarray(data, dtype=object).ravel()
+                arr = np.array([x.encode() if isinstance(x, str) else x for x in flat], dtype=object)
+            else:
+                arr = np.asarray(data, dtype=dt).ravel()
+        except (ValueError, TypeError) as e:
+            msg = f"input {name!r}: 'data' is not a well-formed {datatype} array ({e})"
+            raise InvalidInputError(msg) from None
+        if arr.size != count:
+            msg = f"input {name!r}: shape {shape} has {count} elements but 'data' has {arr.size}"
+            raise InvalidInputError(msg)
+    return name, arr.reshape(shape), offset
+
+
+def decode(
+    body: bytes, header_length: int | None, lm: LoadedModel
+) -> tuple[dict[str, np.ndarray], dict[str, Any], list[tuple[str, bool]]]:
+    """Feeds, the request document (for its id) and the output selection of an infer body."""
+    if header_length is None:
+        doc, binary = loads(body), memoryview(b"")
+    else:
+        if header_length > len(body):
+            msg = f"Inference-Header-Content-Length {header_length} is larger than the body ({len(body)} bytes)"
+            raise InvalidInputError(msg)
+        view = memoryview(body)
+        doc, binary = loads(view[:header_length]), view[header_length:]
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        msg = "the body must be a JSON object with a non-empty 'inputs' list"
+        raise InvalidInputError(msg)
+    feeds: dict[str, np.ndarray] = {}
+    offset = 0
+    for inp in doc["inputs"]:
+        name, arr, offset = _decode_input(inp, binary, offset, lm)
+        if name in feeds:
+            msg = f"input {name!r} is given twice"
+            raise InvalidInputError(msg)
+        feeds[name] = arr
+    if offset != len(binary):
+        msg = f"{len(binary) - offset} bytes of binary data after the last input"
+        raise InvalidInputError(msg)
+    return feeds, doc, _selection(lm, doc)
+
+
+def _raw(arr: np.ndarray) -> bytes:
+    if arr.dtype == object:
+        parts = []
+        for x in arr.ravel():
+            b = x if isinstance(x, bytes) else str(x).encode()
+            parts.append(struct.pack("<I", len(b)))
+            parts.append(b)
+        return b"".join(parts)
+    return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
+
+
+def _selection(lm: LoadedModel, doc: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Which outputs to return and whether each is binary; checked before inference runs."""
+    params = doc.get("parameters")
+    binary_all = bool(params.get("binary_data_output")) if isinstance(params, dict) else False
+    names = [s.name for s in lm.outputs]
+    wanted = doc.get("outputs")
+    if not wanted:
+        return [(k, binary_all) for k in names]
+    if not isinstance(wanted, list):
+        msg = "'outputs' must be a list of {'name': ...} objects"
+        raise InvalidInputError(msg)
+    selection = []
+    for o in wanted:
+        if not isinstance(o, dict) or o.get("name") not in names:
+            msg = f"requested output {o.get('name') if isinstance(o, dict) else o!r} does not exist; outputs are: {', '.join(names)}"
+            raise InvalidInputError(msg)
+        p = o.get("parameters")
+        binary = p.get("binary_data", binary_all) if isinstance(p, dict) else binary_all
+        selection.append((o["name"], bool(binary)))
+    return selection
+
+
+def encode(lm: LoadedModel, outputs: dict[str, np.ndarray], doc: dict[str, Any], selection: list[tuple[str, bool]]) -> Reply:
+    items = []
+    chunks = []
+    for name, binary in selection:
+        arr = outputs[name]
+        item: dict[str, Any] = {"name": name, "datatype": v2_datatype(arr.dtype.name), "shape": list(arr.shape)}
+        if binary:
+            raw = _raw(arr)
+            item["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            item["data"] = jsonable(arr.reshape(-1))
+        items.append(item)
+    reply: dict[str, Any] = {"model_name": lm.name, "model_version": str(lm.version), "outputs": items}
+    if "id" in doc:
+        reply["id"] = doc["id"]
+    header = dumps(reply)
+    if not chunks:
+        return Reply(200, header)
+    return Reply(200, header + b"".join(chunks), _OCTET, [(HEADER_LENGTH, str(len(header)).encode())])
+
+
+async def infer(dp: DataPlane, name: str, version: str | None, body: bytes, header_length: int | None) -> Reply:
+    lm = dp.model(name, version)
+    try:
+        feeds, doc, selection = decode(body, header_length, lm)
+    except EdgekitError as e:
+        dp.count_error(lm, e)
+        raise
+    outputs = await dp.infer(lm, feeds, pinned=version is not None)
+    return encode(lm, outputs, doc, selection)

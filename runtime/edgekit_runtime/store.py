@@ -1,0 +1,195 @@
+"""The model store: ``STORE/NAME/VERSION/`` holds one installed (extracted, verified) bundle.
+
+Layout of a version directory: ``manifest.json``, ``manifest.sig`` (if signed), the model file
+(``model.tflite`` / ``model.onnx``) and ``golden/``. Installation extracts into a hidden temporary
+directory inside the store and renames it into place, so a watcher never sees half a version.
+Directories whose names start with ``.`` are ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from edgekit_runtime.bundle import (
+    MANIFEST,
+    SIGNATURE,
+    Bundle,
+    Manifest,
+    _npz_bytes,
+    _read_npz,
+    read_bundle,
+    sha256_bytes,
+)
+from edgekit_runtime.errors import BundleError
+
+__all__ = ["Candidate", "install_bundle", "read_installed", "scan_source"]
+
+
+def install_bundle(bundle_path: str | Path, store: str | Path) -> Path:
+    """Verify a ``.ekb`` and install it as ``store/NAME/VERSION``; BundleError if that version exists."""
+    bundle = read_bundle(bundle_path)
+    m = bundle.manifest
+    store = Path(store)
+    target = store / m.name / str(m.version)
+    if target.exists():
+        msg = f"{target} already exists: version {m.version} of {m.name!r} is installed; bump the bundle's version"
+        raise BundleError(msg)
+    try:
+        (store / m.name).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{m.version}.", suffix=".part", dir=store / m.name))
+    except OSError as e:
+        msg = f"cannot write to the store {store}: {e.strerror}"
+        raise BundleError(msg) from e
+    try:
+        (tmp / MANIFEST).write_bytes(bundle.manifest_bytes or m.to_json())
+        if bundle.signature is not None:
+            (tmp / SIGNATURE).write_bytes(bundle.signature)
+        (tmp / m.model_file).write_bytes(bundle.model)
+        if m.golden is not None:
+            for rel, arrays in ((m.golden.inputs, bundle.golden_inputs), (m.golden.outputs, bundle.golden_outputs)):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                (tmp / rel).write_bytes(_npz_bytes(arrays))
+        tmp.chmod(0o755)
+        # rename(2) of a directory fails if the target exists, so two installers cannot both win.
+        os.rename(tmp, target)  # noqa: PTH104 - want rename(2) semantics, not Path.replace
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if target.exists():
+            msg = f"{target} already exists: version {m.version} of {m.name!r} is installed"
+            raise BundleError(msg) from e
+        msg = f"cannot install into {target}: {e.strerror}"
+        raise BundleError(msg) from e
+    return target
+
+
+def read_installed(path: str | Path) -> Bundle:
+    """Read an installed version directory back into a Bundle, checking the model hash."""
+    path = Path(path)
+    try:
+        raw = (path / MANIFEST).read_bytes()
+    except OSError as e:
+        msg = f"{path}: no readable {MANIFEST} ({e.strerror})"
+        raise BundleError(msg) from e
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = f"{path}: invalid manifest.json at {where!r}: {first['msg']}"
+        raise BundleError(msg) from None
+    try:
+        model = (path / manifest.model_file).read_bytes()
+    except OSError as e:
+        msg = f"{path}: model file {manifest.model_file} unreadable ({e.strerror})"
+        raise BundleError(msg) from e
+    if sha256_bytes(model) != manifest.model_sha256:
+        msg = f"{path}: model file hash does not match the manifest (corrupted or tampered); reinstall the bundle"
+        raise BundleError(msg)
+    golden_in: dict = {}
+    golden_out: dict = {}
+    if manifest.golden is not None:
+        try:
+            golden_in = _read_npz((path / manifest.golden.inputs).read_bytes())
+            golden_out = _read_npz((path / manifest.golden.outputs).read_bytes())
+        except (OSError, ValueError) as e:
+            msg = f"{path}: golden samples unreadable: {e}"
+            raise BundleError(msg) from e
+    sig_path = path / SIGNATURE
+    signature = sig_path.read_bytes() if sig_path.exists() else None
+    return Bundle(manifest, model, golden_in, golden_out, signature, raw)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A version some source offers: where it is and a key that changes when its content does."""
+
+    name: str
+    version: int
+    origin: str
+    key: tuple[str, float, int]
+
+    def read(self) -> Bundle:
+        path = Path(self.origin)
+        return read_bundle(path) if path.is_file() else read_installed(path)
+
+
+def _key(path: Path) -> tuple[str, float, int]:
+    st = path.stat()
+    return (str(path), st.st_mtime, st.st_size)
+
+
+class _ManifestCache:
+    """Name and version of manifests, re-read only when a file changes (polling reads many)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, float, int], tuple[str, int]] = {}
+
+    def ident(self, manifest_or_bundle: Path) -> tuple[tuple[str, float, int], str, int]:
+        key = _key(manifest_or_bundle)
+        hit = self._seen.get(key)
+        if hit is None:
+            if manifest_or_bundle.suffix == ".json":
+                m = Manifest.model_validate_json(manifest_or_bundle.read_bytes())
+            else:
+                m = read_bundle(manifest_or_bundle).manifest
+            hit = (m.name, m.version)
+            self._seen[key] = hit
+        return key, hit[0], hit[1]
+
+
+_cache = _ManifestCache()
+
+
+def _version_dirs(model_dir: Path) -> list[Path]:
+    out = []
+    for d in model_dir.iterdir():
+        if d.name.startswith(".") or not d.name.isdigit() or not d.is_dir():
+            continue
+        if (d / MANIFEST).is_file():
+            out.append(d)
+    return out
+
+
+def scan_source(source: Path) -> tuple[list[Candidate], list[str]]:
+    """The versions a source offers, and problems found (unreadable manifests), without loading models.
+
+    A source is a store (``NAME/VERSION/``), one model's base path (``VERSION/``), one installed
+    version (a directory with ``manifest.json``) or a ``.ekb`` file.
+    """
+    found: list[Candidate] = []
+    problems: list[str] = []
+
+    def add(path: Path, manifest_or_bundle: Path) -> None:
+        try:
+            key, name, version = _cache.ident(manifest_or_bundle)
+        except (OSError, ValueError, BundleError) as e:  # pydantic's ValidationError is a ValueError
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            problems.append(f"{path}: unreadable manifest: {first}")
+            return
+        found.append(Candidate(name, version, str(path), key))
+
+    try:
+        if source.is_file():
+            add(source, source)
+        elif (source / MANIFEST).is_file():
+            add(source, source / MANIFEST)
+        elif source.is_dir():
+            versions = _version_dirs(source)
+            if versions:
+                for d in versions:
+                    add(d, d / MANIFEST)
+            else:
+                for model_dir in sorted(source.iterdir()):
+                    if model_dir.name.startswith(".") or not model_dir.is_dir():
+                        continue
+                    for d in _version_dirs(model_dir):
+                        add(d, d / MANIFEST)
+    except OSError as e:
+        problems.append(f"{source}: {e.strerror or e}")
+    return found, problems
