@@ -1,0 +1,217 @@
+"""The ``edgekit-runtime`` command: ``serve`` models over HTTP and ``score`` files offline.
+
+The toolkit's ``edgekit serve`` / ``edgekit score`` are these same click commands. Errors of the
+runtime's hierarchy become one line on stderr and the error's exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgekit_runtime import __version__
+from edgekit_runtime.config import BatchingOverrides, Config, load_config
+from edgekit_runtime.errors import EdgekitError, InvalidInputError
+
+__all__ = ["COMMANDS", "main", "score", "serve"]
+
+_LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
+
+
+class _Failure(click.ClickException):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]
+
+
+class RuntimeGroup(click.Group):
+    """A click group that turns the runtime's errors into one clear line and their exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgekitError as e:
+            raise _Failure(e.message, e.exit_code) from e
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:
+            if os.environ.get("EDGEKIT_DEBUG"):
+                raise
+            msg = f"internal error: {type(e).__name__}: {e} (set EDGEKIT_DEBUG=1 for the traceback and report it)"
+            raise _Failure(msg, 70) from e
+
+
+def _sizes(ctx: click.Context, param: click.Parameter, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        sizes = [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give increasing batch sizes like 1,2,4,8") from None
+    if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1:
+        raise click.BadParameter(f"{value!r}: give increasing batch sizes like 1,2,4,8")
+    return sizes
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+
+
+@click.command()
+@click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--host", default=None, help="address to listen on  [default: 127.0.0.1]")
+@click.option("--port", type=click.IntRange(0, 65535), default=None, help="port to listen on  [default: 8500]")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config (server, per-model settings)")
+@click.option("--max-batch-size", type=click.IntRange(min=1), help="rows per batch (all models)")
+@click.option("--batch-timeout-micros", type=click.IntRange(min=0), help="max wait of a batch's oldest request")
+@click.option("--max-enqueued-batches", type=click.IntRange(min=1), help="queue bound in batches; full -> 503")
+@click.option("--num-batch-threads", type=click.IntRange(min=1), help="batch worker threads, one engine each")
+@click.option("--allowed-batch-sizes", callback=_sizes, help="pad batches up to these sizes, e.g. 1,2,4,8 (last = max)")
+@click.option("--no-batching", is_flag=True, help="run each request on its own (for comparison)")
+@click.option("--threads", type=click.IntRange(min=0), help="engine threads per worker (0 = engine default)")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), help="request body limit  [default: 64]")
+@click.option("--poll-seconds", type=click.FloatRange(min=0), help="watch sources for new versions; 0 = off  [default: 2]")
+@click.option("--log-level", type=click.Choice(_LOG_LEVELS, case_sensitive=False), default=None, help="[default: info]")
+def serve(
+    sources: tuple[Path, ...],
+    host: str | None,
+    port: int | None,
+    config_path: Path | None,
+    max_batch_size: int | None,
+    batch_timeout_micros: int | None,
+    max_enqueued_batches: int | None,
+    num_batch_threads: int | None,
+    allowed_batch_sizes: list[int] | None,
+    no_batching: bool,
+    threads: int | None,
+    max_body_mb: float | None,
+    poll_seconds: float | None,
+    log_level: str | None,
+) -> None:
+    """Serve model bundles over HTTP (TF Serving REST and Open Inference Protocol v2) with batching.
+
+    Each SOURCE is a model store (STORE/NAME/VERSION/) or a bundle file (.ekb). Flags override the
+    config file, which overrides each bundle's profile.
+    """
+    from edgekit_runtime.runtime import Runtime
+    from edgekit_runtime.server import serve as run_server
+
+    config = load_config(config_path) if config_path is not None else Config()
+    srv = config.server
+    level = log_level or srv.log_level
+    _logging(level)
+    all_sources = [*sources, *(Path(s) for s in srv.sources)]
+    if not all_sources:
+        msg = "give at least one SOURCE: a model store directory or a .ekb bundle (or [server] sources in --config)"
+        raise InvalidInputError(msg)
+    flags = BatchingOverrides(
+        enabled=False if no_batching else None,
+        max_batch_size=max_batch_size,
+        batch_timeout_micros=batch_timeout_micros,
+        allowed_batch_sizes=allowed_batch_sizes,
+        max_enqueued_batches=max_enqueued_batches,
+        num_batch_threads=num_batch_threads,
+    )
+    runtime = Runtime(all_sources, config=config, batching=flags, threads=threads)
+    run_server(
+        runtime,
+        host=host or srv.host,
+        port=srv.port if port is None else port,
+        max_body_bytes=int((max_body_mb or srv.max_body_mb) * (1 << 20)),
+        poll_seconds=srv.poll_seconds if poll_seconds is None else poll_seconds,
+        log_level=level,
+    )
+
+
+@contextmanager
+def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar when rich is installed (the toolkit), else click's."""
+    try:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    except ImportError:
+        with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
+            yield bar.update
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task(label, total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="result file: .npy, .npz or .csv")
+@click.option("--model", "model_name", help="which model, when BUNDLE is a store holding several")
+@click.option("--max-batch-size", type=click.IntRange(min=1), help="rows per batch (default: the bundle's profile)")
+@click.option("--num-batch-threads", type=click.IntRange(min=1), help="batch worker threads, one engine each")
+@click.option("--threads", type=click.IntRange(min=0), help="engine threads per worker (0 = engine default)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+def score(
+    bundle: Path,
+    input_path: Path,
+    output: Path,
+    model_name: str | None,
+    max_batch_size: int | None,
+    num_batch_threads: int | None,
+    threads: int | None,
+    quiet: bool,
+) -> None:
+    """Score INPUT (.npy, .npz, .csv or a folder of images) with BUNDLE; write outputs to -o (.npy/.npz/.csv).
+
+    Rows go through the same batcher and engines as the server.
+    """
+    from edgekit_runtime.runtime import Runtime
+    from edgekit_runtime.scoring import read_inputs
+    from edgekit_runtime.scoring import score as run_score
+    from edgekit_runtime.scoring import write_outputs
+
+    if output.suffix.lower() not in (".npy", ".npz", ".csv"):
+        msg = f"{output}: unsupported output; use .npy, .npz or .csv"
+        raise InvalidInputError(msg)
+    # No batching delay offline: the queue is always full, batches close on size.
+    flags = BatchingOverrides(max_batch_size=max_batch_size, num_batch_threads=num_batch_threads, batch_timeout_micros=0)
+    with Runtime(batching=flags, threads=threads) as rt:
+        names = rt.load(bundle)
+        if model_name is None:
+            if len(names) != 1:
+                msg = f"{bundle} holds several models ({', '.join(names)}); choose one with --model"
+                raise InvalidInputError(msg)
+            model_name = names[0]
+        model = rt.get(model_name)
+        feeds, files = read_inputs(input_path, model)
+        total = int(next(iter(feeds.values())).shape[0]) if feeds else 0
+        if quiet:
+            outputs = run_score(rt, model_name, feeds)
+        else:
+            with _progress(total, f"scoring {model_name} v{model.version}") as advance:
+                outputs = run_score(rt, model_name, feeds, progress=advance)
+    write_outputs(output, outputs, files)
+    click.echo(f"wrote {total} rows of {', '.join(outputs)} to {output}", err=True)
+
+
+COMMANDS: list[click.Command] = [serve, score]
+
+
+@click.group(cls=RuntimeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgekit-runtime")
+def cli() -> None:
+    """edgekit-runtime: serve and score edgekit model bundles on a device."""
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+def main() -> None:
+    cli(prog_name="edgekit-runtime")
+    sys.exit(0)
