@@ -105,6 +105,11 @@ def _machine_busy_ticks() -> int:
     return sum(fields[:8]) - idle
 
 
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy since boot (all cores)."""
+    return _machine_busy_ticks() / _TICK
+
+
 class CpuMeter:
     """CPU seconds used by a process tree between ``start`` and ``stop`` (pids seen at either end)."""
 

@@ -15,6 +15,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -103,7 +104,11 @@ def _keras_model(spec: ModelSpec):  # -> keras.Model (keras is imported lazily)
     return keras.applications.MobileNetV2(weights=None, input_shape=spec.input_shape, alpha=spec.alpha, classes=1000)
 
 
-def _build(out: Path, spec: ModelSpec) -> None:
+def _build(out: Path, spec: ModelSpec) -> Callable[[], None]:
+    """Build the Keras model and its TFLite file; start tf2onnx and return a function that waits for it.
+
+    tf2onnx runs in its own process, so the next model builds while this one converts.
+    """
     import shutil
     import tempfile
 
@@ -113,14 +118,16 @@ def _build(out: Path, spec: ModelSpec) -> None:
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     model = _keras_model(spec)
-    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
-        saved = Path(tmp) / "saved_model"
-        # Keras 3: from_keras_model fails (keras#18430); export a SavedModel and convert that.
-        model.export(str(saved), verbose=False)
-        tflite = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
-        (d / "model.tflite").write_bytes(tflite)
-        onnx_tmp = d / "model.onnx.part"
-        subprocess.run(
+    tmp = Path(tempfile.mkdtemp(prefix="edgekit-bench-"))
+    saved = tmp / "saved_model"
+    # Keras 3: from_keras_model fails (keras#18430); export a SavedModel and convert that.
+    model.export(str(saved), verbose=False)
+    tflite = tf.lite.TFLiteConverter.from_saved_model(str(saved)).convert()
+    (d / "model.tflite").write_bytes(tflite)
+    onnx_tmp = d / "model.onnx.part"
+    log = tmp / "tf2onnx.log"
+    with log.open("wb") as f:
+        proc = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -132,13 +139,22 @@ def _build(out: Path, spec: ModelSpec) -> None:
                 "--opset",
                 "17",
             ],
-            check=True,
-            capture_output=True,
+            stdout=f,
+            stderr=subprocess.STDOUT,
         )
-        onnx_tmp.replace(d / "model.onnx")
-        shutil.rmtree(saved, ignore_errors=True)
-    (d / "spec.json").write_text(_spec_key(spec))
-    print(f"#   {spec.name}: {spec.describe()} built in {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def finish() -> None:
+        try:
+            if proc.wait() != 0:
+                msg = f"tf2onnx failed for {spec.name}:\n{log.read_text(errors='replace')[-3000:]}"
+                raise RuntimeError(msg)
+            onnx_tmp.replace(d / "model.onnx")
+            (d / "spec.json").write_text(_spec_key(spec))
+            print(f"#   {spec.name}: {spec.describe()} built in {time.perf_counter() - t0:.0f} s", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return finish
 
 
 # --- bundles (benchmark process; no TensorFlow) --------------------------------------------------------
@@ -190,8 +206,14 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         return 2
     out = Path(argv[0])
+    previous: Callable[[], None] | None = None
     for name in argv[1:]:
-        _build(out, MODELS[name])
+        finish = _build(out, MODELS[name])  # overlaps the previous model's tf2onnx run
+        if previous is not None:
+            previous()
+        previous = finish
+    if previous is not None:
+        previous()
     return 0
 
 

@@ -142,7 +142,13 @@ def _spawn(
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
 
 
+# Set by bench/serve.py's --edgekit-cmd: benchmark another build or install of the runtime.
+EDGEKIT_CMD: list[str] = []
+
+
 def edgekit_command() -> list[str]:
+    if EDGEKIT_CMD:
+        return EDGEKIT_CMD
     exe = Path(sys.executable).with_name("edgekit-runtime")
     if exe.exists():
         return [str(exe)]

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -28,8 +29,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import _servers
 import numpy as np
-from _load import LoadResult, run_wrk, wrk_version
+from _load import LoadResult, machine_busy_s, run_wrk, wrk_version
 from _models import MODELS, ModelSpec, ensure_models, make_bundle
 from _servers import (
     BatchConfig,
@@ -218,8 +220,11 @@ def raw_sweep(ctx: Context, spec: ModelSpec, model_dir: Path, fmt: str, sizes: t
     backend = load_backend(fmt, model_dir / MODEL_FILES[fmt], RuntimeSettings(threads=ctx.threads))
     out: dict[int, dict] = {}
     for bs in sizes:
+        wall, own, busy = time.perf_counter(), time.process_time(), machine_busy_s()
         stats = measure(backend, bs, warmup=3, min_runs=5, budget_s=ctx.raw_budget)
-        out[bs] = stats.as_dict()
+        wall, own, busy = time.perf_counter() - wall, time.process_time() - own, machine_busy_s() - busy
+        # Cores used by the engine (this process) and by everything else while it ran: the noise.
+        out[bs] = {**stats.as_dict(), "cpu_self": own / wall, "cpu_other": max(0.0, busy - own) / wall}
     backend.close()
     del backend
     ctx.raw_cache[key] = out
@@ -235,6 +240,13 @@ def raw_expected(fmt: str, model_dir: Path, x: np.ndarray, threads: int) -> np.n
     out = backend.run({name: x})
     backend.close()
     return next(iter(out.values()))
+
+
+def raw_cpu(sweep: dict[int, dict]) -> str:
+    n = len(sweep)
+    own = sum(s["cpu_self"] for s in sweep.values()) / n
+    other = sum(s["cpu_other"] for s in sweep.values()) / n
+    return f"{own:.2f}/-/{other:.2f}"
 
 
 def raw_row(ctx: Context, scenario: int, spec: ModelSpec, fmt: str, sweep: dict[int, dict]) -> Row:
@@ -256,6 +268,7 @@ def raw_row(ctx: Context, scenario: int, spec: ModelSpec, fmt: str, sweep: dict[
             best["p50_ms"],
             best["p95_ms"],
             best["p99_ms"],
+            cpu=raw_cpu(sweep),
             note="p90 column shows p95 for raw rows",
         )
     )
@@ -397,7 +410,7 @@ def scenario_1(ctx: Context) -> None:
             concurrency=conc,
             batching=off.describe(),
         )
-    judge(base, True, "baseline for the 10x target")
+    base.target = "baseline for the 10x target"
     timeouts = (1000,) if ctx.smoke else (0, 1000, 2000)
     for t in timeouts:
         on = BatchConfig(
@@ -506,6 +519,7 @@ def scenario_3(ctx: Context) -> None:
             raw1["p50_ms"],
             raw1["p95_ms"],
             raw1["p99_ms"],
+            cpu=raw_cpu({1: raw1}),
             note="p90 column shows p95 for raw rows",
         )
     )
@@ -780,7 +794,7 @@ def render(ctx: Context, scenarios: list[int], started: float) -> str:
             rate = f"{r.rps:,.0f}" + (" rows/s" if r.who.startswith("raw") else "")
             lat = [f"{v:.2f}" if v is not None else "-" for v in (r.p50_ms, r.p90_ms, r.p99_ms)]
             conc = "-" if r.concurrency is None else str(r.concurrency)
-            target = r.target + (f" — {r.note}" if r.note else "")
+            target = "; ".join(t for t in (r.target, r.note) if t)
             lines.append(
                 f"| {r.who} | {r.model} | {r.fmt} | {r.request} | {conc} | {r.batching} | {r.threads} | "
                 f"{r.duration_s:g} | {rate} | {' | '.join(lat)} | {r.errors} | {r.cpu} | {target} | "
@@ -827,6 +841,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=Path("/work/mlserver-venv"),
         help="venv with mlserver==1.7.1 (see bench/README.md); skipped with a note when absent",
     )
+    p.add_argument(
+        "--edgekit-cmd", default="", help="command that starts the runtime CLI (default: this venv's edgekit-runtime)"
+    )
     p.add_argument("--out", type=Path, help="write the Markdown tables to this file (default: print)")
     p.add_argument("--write-docs", action="store_true", help=f"replace the {SECTION!r} section of docs/benchmarks.md")
     p.add_argument("--note", default="", help="a line for the report, e.g. what else ran on the machine")
@@ -838,6 +855,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    if args.edgekit_cmd:
+        _servers.EDGEKIT_CMD[:] = shlex.split(args.edgekit_cmd)
     ok, why = edgekit_serve_available()
     if not ok:
         print(f"edgekit-runtime serve is not available yet ({why}); nothing to benchmark", file=sys.stderr)
