@@ -31,7 +31,7 @@ from edgekit_runtime.backends import Backend
 from edgekit_runtime.bundle import BatchingSettings
 from edgekit_runtime.errors import BackendError, EdgekitError, InvalidInputError, UnavailableError
 
-__all__ = ["Batcher", "BatcherClosedError", "Outputs", "padded_sizes"]
+__all__ = ["Batcher", "BatcherClosedError", "Outputs", "batch_sizes", "padded_sizes"]
 
 log = logging.getLogger("edgekit_runtime.batching")
 
@@ -84,6 +84,32 @@ def padded_sizes(settings: BatchingSettings, fixed_batch: int | None) -> list[in
     return allowed
 
 
+def _rounds_down(settings: BatchingSettings, backend: Backend) -> bool:
+    """LiteRT allocates one interpreter per input shape (a new shape costs about one whole model
+    load); without allowed_batch_sizes, batches are cut to a power of two (or max_batch_size) so a
+    worker keeps a handful of interpreters. The rows left over lead the next batch: no padding."""
+    return (
+        settings.enabled and not settings.allowed_batch_sizes and backend.format == "tflite" and backend.fixed_batch is None
+    )
+
+
+def batch_sizes(settings: BatchingSettings, backend: Backend) -> list[int]:
+    """Every batch size a worker will run (warm-up runs each once before a version serves)."""
+    if not settings.enabled:
+        return [backend.fixed_batch or 1]
+    allowed = padded_sizes(settings, backend.fixed_batch)
+    if allowed:
+        return allowed
+    if _rounds_down(settings, backend):
+        sizes = {settings.max_batch_size}
+        size = 1
+        while size < settings.max_batch_size:
+            sizes.add(size)
+            size *= 2
+        return sorted(sizes)
+    return sorted({backend.fixed_batch or 1, settings.max_batch_size})
+
+
 def _resolve_many(items: list[tuple[AnyFuture, Outputs | None, BaseException | None]]) -> None:
     for fut, result, exc in items:
         if fut.done():
@@ -114,6 +140,7 @@ class Batcher:
         self._timeout = settings.batch_timeout_micros / 1e6
         self._allowed = padded_sizes(settings, backends[0].fixed_batch)
         self._fixed = backends[0].fixed_batch
+        self._round_down = _rounds_down(settings, backends[0])
         # Batching on: the bound is in rows (max_enqueued_batches full batches). Off: in requests.
         self._capacity = settings.max_enqueued_batches * (self._max if self._merge else 1)
         self._queue: deque[_Task] = deque()
@@ -214,14 +241,17 @@ class Batcher:
             if not task.failed and not task.future.cancelled():
                 items.append((task, 0, task.rows))
             return items
+        limit = self._max
+        if self._round_down and self._queued < limit:
+            limit = 1 << (self._queued.bit_length() - 1)
         n = 0
-        while queue and n < self._max:
+        while queue and n < limit:
             task = queue[0]
             if task.failed or task.future.cancelled():
                 queue.popleft()
                 self._queued -= task.rows - task.taken
                 continue
-            k = min(task.rows - task.taken, self._max - n)
+            k = min(task.rows - task.taken, limit - n)
             items.append((task, task.taken, task.taken + k))
             task.taken += k
             n += k

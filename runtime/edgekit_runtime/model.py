@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgekit_runtime.backends import Backend, load_backend
-from edgekit_runtime.batching import Batcher, Outputs, padded_sizes
+from edgekit_runtime.batching import Batcher, Outputs, batch_sizes
 from edgekit_runtime.bundle import Bundle, Manifest, RuntimeSettings
 from edgekit_runtime.errors import BundleError, EdgekitError, InvalidInputError, SmokeTestError
 from edgekit_runtime.latency import sample_inputs
@@ -160,9 +160,7 @@ class LoadedModel:
             for _ in range(settings.batching.num_batch_threads):
                 backends.append(load_backend(m.format, bundle.model, settings))
             smoke = check_golden(bundle, backends[0])
-            sizes = padded_sizes(settings.batching, backends[0].fixed_batch) or sorted(
-                {backends[0].fixed_batch or 1, settings.batching.max_batch_size}
-            )
+            sizes = batch_sizes(settings.batching, backends[0])
             for b in backends:
                 for size in sizes:
                     b.run(sample_inputs(b, size))
