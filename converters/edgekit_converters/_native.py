@@ -13,7 +13,6 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator
-from types import ModuleType
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,7 +27,8 @@ def tensorflow() -> Any:
     return tf
 
 
-def keras() -> ModuleType:
+def keras() -> Any:
+    """Keras 3, imported after TensorFlow's logging is turned down."""
     tensorflow()
     import keras as k
 

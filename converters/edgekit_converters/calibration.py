@@ -69,7 +69,10 @@ def check_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], what: 
             )
             raise InvalidInputError(msg)
         if not (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
-            msg = f"{what}: input {spec.name!r} has dtype {value.dtype}; expected numbers ({spec.dtype}), shape {spec.shape}"
+            msg = (
+                f"{what}: input {spec.name!r} has dtype {value.dtype}; "
+                f"expected numbers ({spec.dtype}), shape {spec.shape}"
+            )
             raise InvalidInputError(msg)
         if np.issubdtype(spec.np_dtype, np.integer) and np.issubdtype(value.dtype, np.floating):
             msg = f"{what}: input {spec.name!r} has dtype {value.dtype}; the model expects {spec.dtype}"
@@ -107,9 +110,9 @@ def _read_images(folder: Path, inputs: list[TensorSpec], image_range: str) -> di
     images = []
     for f in files:
         try:
-            with Image.open(f) as im:
-                im = im.convert("RGB" if c == 3 else "L").resize((w, h), Image.Resampling.BILINEAR)
-                arr = np.asarray(im, dtype=np.float32).reshape(h, w, c)
+            with Image.open(f) as opened:
+                resized = opened.convert("RGB" if c == 3 else "L").resize((w, h), Image.Resampling.BILINEAR)
+                arr = np.asarray(resized, dtype=np.float32).reshape(h, w, c)
         except OSError as e:
             msg = f"{f}: not a readable image ({e})"
             raise InvalidInputError(msg) from e
@@ -129,7 +132,10 @@ def read_dataset(path: Path, inputs: list[TensorSpec], *, what: str, image_range
     elif path.suffix.lower() == ".npy":
         if len(inputs) != 1:
             names = ", ".join(s.name for s in inputs)
-            msg = f"{what} {path}: a .npy file holds one array, but the model has inputs {names}; use an .npz with those names"
+            msg = (
+                f"{what} {path}: a .npy file holds one array, but the model has inputs {names}; "
+                "use an .npz with those names"
+            )
             raise InvalidInputError(msg)
         arrays = {inputs[0].name: _load(path)}
     elif path.suffix.lower() == ".npz":

@@ -120,9 +120,11 @@ class _RichReporter(Reporter):
     show_default=True,
     help="time budget per batch size for the host latency measurement",
 )
-@click.option("--strict/--no-strict", default=True, help="--no-strict: report failed budgets as warnings, write the bundle")
+@click.option(
+    "--strict/--no-strict", default=True, help="--no-strict: report failed budgets as warnings, write the bundle"
+)
 @click.option("--json", "as_json", is_flag=True, help=json_option_help)
-def convert(
+def convert(  # noqa: PLR0917 - click passes every option as an argument
     model: Path,
     profiles: tuple[str, ...],
     output_dir: Path,

@@ -157,6 +157,7 @@ def _trim_to_batch(data: calibration.Dataset, batch: int | None) -> calibration.
 def convert_profile(
     source: Source,
     profile: Profile,
+    *,
     plan: calibration.DataPlan,
     reference: dict[str, Any],
     options: Options,
@@ -227,7 +228,9 @@ def convert_profile(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     bundle = Bundle(manifest, model, val.golden_inputs, val.golden_outputs)
-    result = ProfileResult(profile.name, c.format, c.quantization, len(model), conversion_s, val.metrics, checks, facts, notes)
+    result = ProfileResult(
+        profile.name, c.format, c.quantization, len(model), conversion_s, val.metrics, checks, facts, notes
+    )
     return result, bundle
 
 
@@ -276,7 +279,9 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
         for profile in profiles:
             profile_dir = workdir / profile.name
             profile_dir.mkdir()
-            result, bundle = convert_profile(source, profile, plan, reference, options, profile_dir, reporter)
+            result, bundle = convert_profile(
+                source, profile, plan=plan, reference=reference, options=options, workdir=profile_dir, reporter=reporter
+            )
             if not (options.strict and result.failed_budgets):
                 reporter.step(profile.name, "writing the bundle")
                 target = out_dir / f"{bundle.manifest.name}-{profile.name}.ekb"

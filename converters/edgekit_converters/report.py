@@ -58,15 +58,17 @@ def _table(r: ProfileResult, strict: bool) -> Table:
             table.add_row(label, "-", _budget(checks[budget]))
     for key in sorted(k for k in m if k.startswith("latency_p50_ms_b")):
         bs = key.removeprefix("latency_p50_ms_b")
-        budget = checks.get("max_latency_ms_p50") if bs == "1" else None
+        latency_budget = checks.get("max_latency_ms_p50") if bs == "1" else None
         table.add_row(
             f"host latency p50 / p95, batch {bs}",
             f"{m[key]:.3f} / {m[f'latency_p95_ms_b{bs}']:.3f} ms",
-            _budget(budget),
+            _budget(latency_budget),
         )
     if "tensor_arena_kb" in r.facts:
         table.add_row("tensor arena (estimate)", f"{r.facts['tensor_arena_kb']:.1f} KB", "")
-    table.add_row("validated on", f"{m.get('samples')} samples", "[yellow]synthetic![/yellow]" if not m.get("trustworthy") else "")
+    table.add_row(
+        "validated on", f"{m.get('samples')} samples", "[yellow]synthetic![/yellow]" if not m.get("trustworthy") else ""
+    )
     return table
 
 
@@ -88,7 +90,9 @@ def render(report: Report, console: Console) -> None:
     if failures and not report.strict:
         for profile, checks in failures.items():
             for c in checks:
-                console.print(f"[yellow]warning:[/yellow] {profile}: budget {c.describe()} (--no-strict: bundle written)")
+                console.print(
+                    f"[yellow]warning:[/yellow] {profile}: budget {c.describe()} (--no-strict: bundle written)"
+                )
 
 
 def summary(report: Report) -> dict[str, Any]:

@@ -166,7 +166,7 @@ class Source:
         }
         module = tf.Module()
         module.loaded = loaded
-        wrapped = tf.function(lambda **kw: fn(**kw))
+        wrapped = tf.function(lambda **kw: fn(**kw))  # noqa: PLW0108 - a ConcreteFunction cannot be re-traced
         tf.saved_model.save(module, str(out), signatures={"serving_default": wrapped.get_concrete_function(**specs)})
 
     def onnx_model(self, opset: int, static_batch: int | None = None) -> Path:
@@ -278,5 +278,5 @@ def _load_tensorflow(path: Path, kind: SourceKind, sha: str, size: int, workdir:
     source = Source(
         path, kind, sha, size, inputs, outputs, workdir, _keras_model=keras_model, _reference=fn, _loaded=loaded
     )
-    source._saved_models[None] = export_dir  # noqa: SLF001 - the loader fills the cache on purpose
+    source._saved_models[None] = export_dir
     return source

@@ -39,14 +39,13 @@ class _Reader:
 
 
 def _static_int8(base: Path, out: Path, profile: Profile, calibration: Dataset) -> None:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quant_pre_process, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     c = profile.conversion
     pre = out.with_name(out.stem + "_pre.onnx")
     try:
         quant_pre_process(str(base), str(pre), skip_symbolic_shape=False)
-    except Exception:  # symbolic shape inference fails on some graphs; ORT's docs allow skipping it
+    except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs; ORT allows skipping it
         quant_pre_process(str(base), str(pre), skip_symbolic_shape=True)
     reader = _Reader(batches(calibration, c.calibration_samples))
     quantize_static(

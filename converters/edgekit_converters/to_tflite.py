@@ -55,7 +55,7 @@ def _configure(tf: Any, conv: Any, profile: Profile, calibration: Dataset | None
         raise ConversionError(msg)
     conv.representative_dataset = _representative(calibration, c.calibration_samples)
     if not c.per_channel:
-        conv._experimental_disable_per_channel = True  # noqa: SLF001 - the converter's only switch for it
+        conv._experimental_disable_per_channel = True
     if mode == "int8-only":
         conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         conv.inference_input_type = getattr(tf, c.input_dtype)
@@ -77,7 +77,7 @@ def _convert_once(source: Source, profile: Profile, calibration: Dataset | None,
             result: bytes = conv.convert()
         except ConversionError:
             raise
-        except Exception as e:  # the converter raises ConverterError, ValueError, RuntimeError, ...
+        except Exception as e:  # noqa: BLE001 - the converter raises ConverterError, ValueError, RuntimeError...
             failure = e
         else:
             return result

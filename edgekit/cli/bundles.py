@@ -52,10 +52,25 @@ def inspect(bundle: Path, as_json: bool) -> None:
         vt.add_column("metric", style="bold")
         vt.add_column("value")
         for key, value in m.validation.items():
-            vt.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+            if key != "budgets":
+                vt.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
         console.print(vt)
+        checks = m.validation.get("budgets") or []
+        if checks:
+            bt = Table(title="budgets (at conversion)")
+            for col in ("budget", "limit", "measured", "result"):
+                bt.add_column(col)
+            for c in checks:
+                measured = "-" if c.get("value") is None else f"{c['value']:.4g}{c.get('unit', '')}"
+                result = {True: "[green]ok[/green]", False: "[red]FAILED[/red]"}.get(c.get("ok"), "not measured")
+                bt.add_row(str(c.get("budget")), f"{c.get('limit')}{c.get('unit', '')}", measured, result)
+            console.print(bt)
+        if m.validation.get("trustworthy") is False:
+            console.print("[yellow]validated on synthetic data: accuracy numbers are not trustworthy[/yellow]")
     if m.calibration:
-        console.print(f"calibration: {m.calibration}")
+        console.print("calibration: " + ", ".join(f"{k}={v}" for k, v in m.calibration.items()))
+        if m.calibration.get("trustworthy") is False:
+            console.print("[yellow]calibrated on synthetic data: accuracy is not trustworthy[/yellow]")
     rt = m.profile.runtime
     console.print(
         f"runtime: threads={rt.threads} delegates={rt.delegates} providers={rt.execution_providers} "

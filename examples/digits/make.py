@@ -52,7 +52,7 @@ def main() -> None:
     model.save(HERE / "model.keras")
     np.save(HERE / "calibration.npy", x_train[:200])
     np.savez(HERE / "validation.npz", pixels=x_test, labels=y_test)
-    print(f"test accuracy {acc:.3f}; wrote model.keras, calibration.npy, validation.npz to {HERE}")
+    print(f"test accuracy {acc:.3f}; wrote model.keras, calibration.npy, validation.npz to {HERE}")  # noqa: T201 - a script for people
 
 
 if __name__ == "__main__":

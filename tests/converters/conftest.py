@@ -78,7 +78,9 @@ def mode_profiles(work: Path) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def all_modes(work: Path, digits_model: Path, digits_files: dict[str, Path], mode_profiles: dict[str, Path]) -> dict[str, Any]:
+def all_modes(
+    work: Path, digits_model: Path, digits_files: dict[str, Path], mode_profiles: dict[str, Path]
+) -> dict[str, Any]:
     """The digits model through every bundled profile and every other mode, in one `edgekit convert`."""
     out = work / "bundles"
     extra: list[str] = []

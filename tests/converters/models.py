@@ -76,13 +76,12 @@ def multi_input(path: Path) -> Path:
 def onnx_mlp(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     """An ONNX model written with onnx.helper (MatMul+Add+Relu, MatMul+Add+Softmax), not from TensorFlow.
     Weights come from a scikit-learn MLP trained on the digits, so its accuracy is real."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-    from sklearn.neural_network import MLPClassifier
-
     import warnings
 
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
     from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # 300 iterations are plenty for ~97 %

@@ -162,9 +162,13 @@ def test_op_without_a_kernel_in_the_mode(tmp_path: Path) -> None:
     import keras
 
     x = keras.Input((4,), name="x")
-    keras.Model(x, keras.layers.Lambda(lambda t: keras.ops.erf(t))(x)).export(str(tmp_path / "sm"), verbose=False)
+    keras.Model(x, keras.layers.Lambda(keras.ops.erf)(x)).export(str(tmp_path / "sm"), verbose=False)
     with pytest.raises(UnsupportedOpError) as err:
-        run(tmp_path / "sm", [load_profile("cortex-m")], Options(output_dir=tmp_path / "out", synthetic_calibration=True))
+        run(
+            tmp_path / "sm",
+            [load_profile("cortex-m")],
+            Options(output_dir=tmp_path / "out", synthetic_calibration=True),
+        )
     assert "op ERF cannot run on profile cortex-m" in str(err.value)
     _nothing_left(tmp_path / "out")
 
@@ -185,7 +189,17 @@ def test_budget_failure_names_budget_value_and_limit(
     path = models.write_profile(tmp_path / "tiny.toml", "generic-cpu")
     path.write_text(path.read_text() + "\n[budgets]\nmax_model_size_mb = 0.001\n")
     out = tmp_path / "out"
-    args = ["convert", digits_model, "--profile", path, "--validation", digits_files["validation_npz"], "-o", out, *FAST]
+    args = [
+        "convert",
+        digits_model,
+        "--profile",
+        path,
+        "--validation",
+        digits_files["validation_npz"],
+        "-o",
+        out,
+        *FAST,
+    ]
     r = cli_invoke(*args)
     assert r.exit_code == 13
     assert "tiny: max_model_size_mb = 0.001 MB: measured 0.0" in r.output
