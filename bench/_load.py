@@ -128,6 +128,22 @@ class CpuMeter:
         return total / _TICK
 
 
+def wait_idle(root: int, *, below_cores: float = 0.15, window_s: float = 0.25, timeout_s: float = 60.0) -> float:
+    """Wait until the process tree ``root`` uses less than ``below_cores`` over ``window_s``; seconds waited.
+
+    Between runs: a server may still be computing requests whose clients already left (wrk's previous
+    run), and those would fill its queue at the start of the next run.
+    """
+    t0 = time.perf_counter()
+    meter = CpuMeter(root)
+    while time.perf_counter() - t0 < timeout_s:
+        meter.start()
+        time.sleep(window_s)
+        if meter.stop() / window_s < below_cores:
+            break
+    return time.perf_counter() - t0
+
+
 def run_wrk(
     url: str,
     body: bytes,
@@ -156,6 +172,7 @@ def run_wrk(
         str(script),
         url,
     ]
+    wait_idle(server_pid)
     meter = CpuMeter(server_pid)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy_before = _machine_busy_ticks()

@@ -37,7 +37,8 @@ class BatchConfig:
 
     def flags(self) -> list[str]:
         if not self.enabled:
-            return ["--no-batching"]
+            # Off, the queue bound counts requests: make it the concurrency so none is refused (503).
+            return ["--no-batching", f"--max-enqueued-batches={self.max_enqueued_batches}"]
         out = [
             f"--max-batch-size={self.max_batch_size}",
             f"--batch-timeout-micros={self.batch_timeout_micros}",
@@ -50,7 +51,7 @@ class BatchConfig:
 
     def describe(self) -> str:
         if not self.enabled:
-            return "off"
+            return f"off (queue {self.max_enqueued_batches} requests)"
         allowed = ",".join(str(n) for n in self.allowed_batch_sizes) or "any"
         return (
             f"max {self.max_batch_size}, timeout {self.batch_timeout_micros} µs, sizes {allowed}, "

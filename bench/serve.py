@@ -396,7 +396,7 @@ def scenario_1(ctx: Context) -> None:
     name = f"{spec.name}-tflite"
     expected = raw_expected("tflite", d, x32, ctx.threads)
     binary = v2_binary(name, "x", x32, "output_0")
-    off = BatchConfig(enabled=False)
+    off = BatchConfig(enabled=False, max_enqueued_batches=conc)
     with serving(ctx, [bundle], off, "s1-off") as srv:
         base = load_row(
             ctx,
@@ -470,7 +470,7 @@ def scenario_2(ctx: Context) -> None:
             else:
                 row.target = f"for comparison: {share:.0%} of raw best"
     if not ctx.smoke:
-        off = BatchConfig(enabled=False)
+        off = BatchConfig(enabled=False, max_enqueued_batches=conc)
         with serving(ctx, [bundle], off, "s2-off") as srv:
             row = load_row(
                 ctx,
@@ -531,7 +531,7 @@ def scenario_3(ctx: Context) -> None:
 
     # Concurrency 1: what the server adds over a raw invoke.
     single = [
-        BatchConfig(enabled=False),
+        BatchConfig(enabled=False, max_enqueued_batches=16),
         BatchConfig(max_batch_size=32, batch_timeout_micros=0, allowed_batch_sizes=powers_of_two(32)),
     ]
     for cfg in single:
