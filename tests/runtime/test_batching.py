@@ -1,0 +1,249 @@
+"""Batching semantics with a scripted backend: rows not requests, padding, splitting, failures, bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from edgekit_runtime.backends import Backend
+from edgekit_runtime.batching import Batcher, batch_sizes
+from edgekit_runtime.bundle import BatchingSettings
+from edgekit_runtime.errors import BackendError, InvalidInputError, UnavailableError
+from edgekit_runtime.tensors import Signature, TensorSpec
+
+WAIT = 20  # seconds; only a bound against hangs, never a timing assertion
+
+
+class FakeBackend(Backend):
+    """y = 2x; records batch sizes and threads; can block on a gate or fail on negative values."""
+
+    def __init__(
+        self,
+        *,
+        fixed: int | None = None,
+        fmt: str = "onnx",
+        gate: threading.Event | None = None,
+        fail: Callable[[np.ndarray], bool] | None = None,
+    ) -> None:
+        self.format = fmt
+        self.signature = Signature(
+            inputs=[TensorSpec(name="x", dtype="float32", shape=[fixed or -1, 2])],
+            outputs=[TensorSpec(name="y", dtype="float32", shape=[fixed or -1, 2])],
+        )
+        self.accelerators = []
+        self.notes = []
+        self.batches: list[int] = []
+        self.threads: set[int] = set()
+        self.gate = gate
+        self.fail = fail
+        self.started = threading.Event()
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = feeds["x"]
+        self.batches.append(x.shape[0])
+        self.threads.add(threading.get_ident())
+        self.started.set()
+        if self.gate is not None:
+            assert self.gate.wait(WAIT)
+        if self.fail is not None and self.fail(x):
+            raise BackendError("scripted failure")
+        return {"y": x * 2}
+
+
+def rows(n: int, start: float = 0) -> np.ndarray:
+    return (np.arange(n * 2, dtype=np.float32).reshape(n, 2) + start)
+
+
+def settings(**kw: object) -> BatchingSettings:
+    base: dict[str, object] = {"max_batch_size": 4, "batch_timeout_micros": 0, "max_enqueued_batches": 16}
+    base.update(kw)
+    return BatchingSettings(**base)  # type: ignore[arg-type]
+
+
+def blocked(backend: FakeBackend, batcher: Batcher) -> object:
+    """Occupy the worker with a first 1-row request so the following ones queue up."""
+    fut = batcher.submit({"x": rows(1, 1000)}, 1)
+    assert backend.started.wait(WAIT)
+    return fut
+
+
+def test_capacity_is_counted_in_rows_and_each_caller_gets_its_own_rows() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings(max_batch_size=4))
+    first = blocked(be, b)
+    sizes = [1, 2, 3, 1, 2]
+    inputs = [rows(n, 100 * i) for i, n in enumerate(sizes)]
+    futs = [b.submit({"x": x}, len(x)) for x in inputs]
+    gate.set()
+    for x, f in zip(inputs, futs, strict=True):
+        np.testing.assert_array_equal(f.result(WAIT)["y"], x * 2)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+    assert be.batches[0] == 1
+    assert all(n <= 4 for n in be.batches)
+    assert sum(be.batches[1:]) == sum(sizes)
+    assert be.batches[1] == 4  # rows, not requests: 1 + 2 + the first row of the 3-row request
+
+
+def test_oversized_request_is_split_and_reassembled_in_order() -> None:
+    be = FakeBackend()
+    b = Batcher([be], settings(max_batch_size=4))
+    x = rows(10)
+    out = b.submit({"x": x}, 10).result(WAIT)
+    b.close()
+    np.testing.assert_array_equal(out["y"], x * 2)
+    assert be.batches == [4, 4, 2]
+
+
+def test_padding_to_allowed_sizes_is_stripped() -> None:
+    be = FakeBackend()
+    b = Batcher([be], settings(max_batch_size=8, allowed_batch_sizes=[2, 4, 8]))
+    x = rows(3)
+    out = b.submit({"x": x}, 3).result(WAIT)
+    b.close()
+    assert be.batches == [4]
+    assert out["y"].shape == (3, 2)
+    np.testing.assert_array_equal(out["y"], x * 2)
+
+
+def test_allowed_sizes_must_end_at_max() -> None:
+    with pytest.raises(InvalidInputError, match="max_batch_size"):
+        Batcher([FakeBackend()], settings(max_batch_size=8, allowed_batch_sizes=[2, 4]))
+
+
+def test_a_failed_batch_fails_every_caller_in_it() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate, fail=lambda x: bool((x < 0).any()))
+    b = Batcher([be], settings(max_batch_size=8))
+    first = blocked(be, b)
+    good = b.submit({"x": rows(2)}, 2)
+    bad = b.submit({"x": -rows(1) - 1}, 1)
+    also = b.submit({"x": rows(1)}, 1)
+    gate.set()
+    first.result(WAIT)  # type: ignore[attr-defined]
+    for f in (good, bad, also):
+        with pytest.raises(BackendError, match="scripted failure"):
+            f.result(WAIT)
+    # the worker survives and serves the next request
+    np.testing.assert_array_equal(b.submit({"x": rows(1)}, 1).result(WAIT)["y"], rows(1) * 2)
+    b.close()
+
+
+def test_a_full_queue_refuses_at_once() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings(max_batch_size=2, max_enqueued_batches=2))
+    first = blocked(be, b)
+    queued = [b.submit({"x": rows(2)}, 2), b.submit({"x": rows(2)}, 2)]  # 4 rows = 2 batches
+    with pytest.raises(UnavailableError, match="queue is full"):
+        b.submit({"x": rows(1)}, 1)
+    with pytest.raises(InvalidInputError, match="exceeds"):
+        b.submit({"x": rows(5)}, 5)  # could never fit
+    gate.set()
+    for f in (first, *queued):
+        f.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+
+
+def test_the_timeout_closes_a_batch_that_is_not_full() -> None:
+    be = FakeBackend()
+    b = Batcher([be], settings(max_batch_size=64, batch_timeout_micros=20_000))
+    out = b.submit({"x": rows(1)}, 1).result(WAIT)
+    assert out["y"].shape == (1, 2)
+    assert be.batches == [1]
+    b.close()
+
+
+def test_a_full_batch_does_not_wait_for_the_timeout() -> None:
+    be = FakeBackend()
+    b = Batcher([be], settings(max_batch_size=2, batch_timeout_micros=600_000_000))  # ten minutes
+    out = b.submit({"x": rows(2)}, 2).result(WAIT)  # would hang past WAIT if the batch waited
+    assert out["y"].shape == (2, 2)
+    b.close(drain=False)
+
+
+def test_batching_off_runs_each_request_on_its_own() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings(enabled=False, max_enqueued_batches=3))
+    first = blocked(be, b)
+    futs = [b.submit({"x": rows(n)}, n) for n in (1, 3, 2)]
+    with pytest.raises(UnavailableError):
+        b.submit({"x": rows(1)}, 1)  # bounded: 3 requests waiting
+    gate.set()
+    for f in futs:
+        f.result(WAIT)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+    assert be.batches == [1, 1, 3, 2]
+
+
+def test_each_worker_thread_owns_its_backend() -> None:
+    backends = [FakeBackend(), FakeBackend()]
+    b = Batcher(backends, settings(max_batch_size=2, num_batch_threads=2, max_enqueued_batches=100))
+    futs = [b.submit({"x": rows(2, i)}, 2) for i in range(50)]
+    for i, f in enumerate(futs):
+        np.testing.assert_array_equal(f.result(WAIT)["y"], rows(2, i) * 2)
+    b.close()
+    for be in backends:
+        assert len(be.threads) <= 1
+    assert sum(len(be.batches) for be in backends) >= 25
+
+
+def test_close_finishes_queued_requests() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings())
+    first = blocked(be, b)
+    queued = b.submit({"x": rows(3)}, 3)
+    closer = threading.Thread(target=b.close)
+    closer.start()
+    gate.set()
+    closer.join(WAIT)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(queued.result(WAIT)["y"], rows(3) * 2)
+    with pytest.raises(UnavailableError):
+        b.submit({"x": rows(1)}, 1)
+
+
+def test_asyncio_callers_each_get_their_rows() -> None:
+    be = FakeBackend()
+    b = Batcher([be], settings(max_batch_size=8))
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(*(b.submit_async({"x": rows(1 + i % 3, i)}, 1 + i % 3) for i in range(40)))
+
+    outs = asyncio.run(main())
+    b.close()
+    for i, out in enumerate(outs):
+        np.testing.assert_array_equal(out["y"], rows(1 + i % 3, i) * 2)
+    assert max(be.batches) <= 8
+
+
+def test_fixed_batch_models_run_row_by_row() -> None:
+    be = FakeBackend(fixed=1)
+    b = Batcher([be], settings(max_batch_size=4))
+    x = rows(3)
+    np.testing.assert_array_equal(b.submit({"x": x}, 3).result(WAIT)["y"], x * 2)
+    b.close()
+    assert be.batches == [1, 1, 1]
+
+
+def test_litert_batches_are_cut_to_powers_of_two() -> None:
+    gate = threading.Event()
+    be = FakeBackend(fmt="tflite", gate=gate)
+    b = Batcher([be], settings(max_batch_size=8))
+    first = blocked(be, b)
+    futs = [b.submit({"x": rows(1, i)}, 1) for i in range(7)]
+    gate.set()
+    for i, f in enumerate(futs):
+        np.testing.assert_array_equal(f.result(WAIT)["y"], rows(1, i) * 2)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+    assert be.batches[1:] == [4, 2, 1]
+    assert batch_sizes(settings(max_batch_size=8), be) == [1, 2, 4, 8]
