@@ -16,6 +16,7 @@ import resource
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class LoadResult:
     socket_errors: int  # connect + read + write + timeout
     non2xx: int  # wrk counts status >= 400
     server_cores: float  # CPU cores used by the server's process tree, on average
+    server_cpu_us_per_req: float  # server CPU time per successful request: robust to other load
     wrk_cores: float
     other_cores: float  # everything else on the machine (other users' jobs, this script)
     machine_cores: int
@@ -154,6 +156,7 @@ def run_wrk(
     server_pid: int,
     work_dir: Path,
     timeout_s: float = 30.0,
+    on_start: Callable[[], None] | None = None,
 ) -> LoadResult:
     """POST ``body`` to ``url`` from ``connections`` keep-alive connections for ``duration_s`` seconds."""
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -173,6 +176,8 @@ def run_wrk(
         url,
     ]
     wait_idle(server_pid)
+    if on_start is not None:
+        on_start()
     meter = CpuMeter(server_pid)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy_before = _machine_busy_ticks()
@@ -206,6 +211,7 @@ def run_wrk(
         socket_errors=int(s["connect"] + s["read"] + s["write"] + s["timeout"]),
         non2xx=int(s["status"]),
         server_cores=server_cpu / wall,
+        server_cpu_us_per_req=server_cpu / ok * 1e6 if ok else 0.0,
         wrk_cores=wrk_cpu / wall,
         other_cores=max(0.0, (busy - server_cpu - wrk_cpu) / wall),
         machine_cores=os.cpu_count() or 1,

@@ -159,6 +159,8 @@ class Row:
     p99_ms: float | None = None
     errors: str = "-"
     cpu: str = "-"
+    cpu_per_req: str = "-"  # server CPU µs per request
+    rows_per_batch: str = "-"  # average batch the server ran (edgekit's /metrics)
     target: str = ""
     verdict: str = ""
     note: str = ""
@@ -170,7 +172,8 @@ class Row:
         extra = f"  {self.verdict} ({self.target})" if self.verdict else ""
         return (
             f"[{self.scenario}] {self.who} {self.model} {self.fmt} {self.request}{conc} batching[{self.batching}] "
-            f"thr={self.threads}: {self.rps:,.0f}/s{lat} err/non2xx {self.errors} cpu {self.cpu}{extra}"
+            f"thr={self.threads}: {self.rps:,.0f}/s{lat} err/non2xx {self.errors} cpu {self.cpu} "
+            f"({self.cpu_per_req} µs/req) rows/batch {self.rows_per_batch}{extra}"
             f"{'  NOTE ' + self.note if self.note else ''}"
         )
 
@@ -269,6 +272,8 @@ def raw_row(ctx: Context, scenario: int, spec: ModelSpec, fmt: str, sweep: dict[
             best["p95_ms"],
             best["p99_ms"],
             cpu=raw_cpu(sweep),
+            cpu_per_req=f"{best['cpu_self'] / best['rows_per_s'] * 1e6:,.0f}",
+            rows_per_batch=str(best["batch_size"]),
             note="p90 column shows p95 for raw rows",
         )
     )
@@ -289,6 +294,26 @@ def check_answer(server: Server, payload: Payload, expected: np.ndarray) -> str:
     if not np.allclose(got, expected, rtol=1e-3, atol=tol):
         return f"output differs from the raw engine by up to {float(np.abs(got - expected).max()):.3g}"
     return ""
+
+
+def batch_stats(server: Server, model: str) -> tuple[float, float] | None:
+    """(rows, batches) run so far, from edgekit's /metrics batch size histogram; None if unavailable."""
+    if not server.name.startswith("edgekit"):
+        return None
+    try:
+        status, _, body = server.request("GET", "/metrics", timeout=10)
+    except OSError:
+        return None
+    if status != 200:
+        return None
+    total = {"_sum": 0.0, "_count": 0.0}
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("edgekit_batch_size") and f'model="{model}"' in line:
+            metric = line.split("{", 1)[0]
+            for suffix in total:
+                if metric.endswith(suffix):
+                    total[suffix] += float(line.rsplit(" ", 1)[1])
+    return total["_sum"], total["_count"]
 
 
 def load_row(
@@ -316,6 +341,8 @@ def load_row(
             server_pid=server.pid,
             work_dir=work,
         )
+    model = payload.path.split("/")[3].split(":")[0]
+    before: list[tuple[float, float] | None] = []
     r: LoadResult = run_wrk(
         server.url(payload.path),
         payload.body,
@@ -324,7 +351,12 @@ def load_row(
         duration_s=ctx.duration,
         server_pid=server.pid,
         work_dir=work,
+        on_start=lambda: before.append(batch_stats(server, model)),
     )
+    after = batch_stats(server, model)
+    rows_per_batch = "-"
+    if before and before[0] is not None and after is not None and after[1] > before[0][1]:
+        rows_per_batch = f"{(after[0] - before[0][0]) / (after[1] - before[0][1]):.1f}"
     size = len(payload.body)
     size_txt = f"{size / 1e6:.2f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
     row = Row(
@@ -343,6 +375,8 @@ def load_row(
         r.p99_ms,
         f"{r.socket_errors}/{r.non2xx}",
         f"{r.server_cores:.2f}/{r.wrk_cores:.2f}/{r.other_cores:.2f}",
+        f"{r.server_cpu_us_per_req:,.0f}",
+        rows_per_batch,
         load=asdict(r),
     )
     if problem:
@@ -520,6 +554,8 @@ def scenario_3(ctx: Context) -> None:
             raw1["p95_ms"],
             raw1["p99_ms"],
             cpu=raw_cpu({1: raw1}),
+            cpu_per_req=f"{raw1['cpu_self'] / raw1['rows_per_s'] * 1e6:,.0f}",
+            rows_per_batch="1",
             note="p90 column shows p95 for raw rows",
         )
     )
@@ -785,11 +821,11 @@ def render(ctx: Context, scenarios: list[int], started: float) -> str:
     lines.append("")
     head = (
         "| server | model | fmt | request (body) | conc. | batching | thr | dur s | req/s | p50 ms | p90 ms "
-        "| p99 ms | err/non-2xx | CPU srv/wrk/other | target | result |"
+        "| p99 ms | err/non-2xx | CPU srv/wrk/other | srv CPU µs/req | rows/batch | target | result |"
     )
     for n in scenarios:
         title, _ = SCENARIOS[n]
-        lines += [f"### {n}. {title}", "", head, "|" + "---|" * 16]
+        lines += [f"### {n}. {title}", "", head, "|" + "---|" * 18]
         for r in (r for r in ctx.rows if r.scenario == n):
             rate = f"{r.rps:,.0f}" + (" rows/s" if r.who.startswith("raw") else "")
             lat = [f"{v:.2f}" if v is not None else "-" for v in (r.p50_ms, r.p90_ms, r.p99_ms)]
@@ -797,7 +833,8 @@ def render(ctx: Context, scenarios: list[int], started: float) -> str:
             target = "; ".join(t for t in (r.target, r.note) if t)
             lines.append(
                 f"| {r.who} | {r.model} | {r.fmt} | {r.request} | {conc} | {r.batching} | {r.threads} | "
-                f"{r.duration_s:g} | {rate} | {' | '.join(lat)} | {r.errors} | {r.cpu} | {target} | "
+                f"{r.duration_s:g} | {rate} | {' | '.join(lat)} | {r.errors} | {r.cpu} | {r.cpu_per_req} | "
+                f"{r.rows_per_batch} | {target} | "
                 f"{r.verdict or '-'} |"
             )
         lines.append("")
