@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
@@ -79,7 +80,10 @@ def padded_sizes(settings: BatchingSettings, fixed_batch: int | None) -> list[in
         )
         raise InvalidInputError(msg)
     if fixed_batch is not None and any(s % fixed_batch for s in allowed):
-        msg = f"allowed_batch_sizes {settings.allowed_batch_sizes} must be multiples of the model's fixed batch {fixed_batch}"
+        msg = (
+            f"allowed_batch_sizes {settings.allowed_batch_sizes} must be multiples of the model's fixed batch "
+            f"{fixed_batch}"
+        )
         raise InvalidInputError(msg)
     return allowed
 
@@ -89,7 +93,10 @@ def _rounds_down(settings: BatchingSettings, backend: Backend) -> bool:
     load); without allowed_batch_sizes, batches are cut to a power of two (or max_batch_size) so a
     worker keeps a handful of interpreters. The rows left over lead the next batch: no padding."""
     return (
-        settings.enabled and not settings.allowed_batch_sizes and backend.format == "tflite" and backend.fixed_batch is None
+        settings.enabled
+        and not settings.allowed_batch_sizes
+        and backend.format == "tflite"
+        and backend.fixed_batch is None
     )
 
 
@@ -360,10 +367,8 @@ class Batcher:
     def _call_in_loop(
         loop: asyncio.AbstractEventLoop, batch: list[tuple[AnyFuture, Outputs | None, BaseException | None]]
     ) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone
             loop.call_soon_threadsafe(_resolve_many, batch)
-        except RuntimeError:
-            pass  # the loop is closed: its callers are gone
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -70,7 +70,9 @@ def _logging(level: str) -> None:
 @click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--host", default=None, help="address to listen on  [default: 127.0.0.1]")
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="port to listen on  [default: 8500]")
-@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config (server, per-model settings)")
+@click.option(
+    "--config", "config_path", type=click.Path(path_type=Path), help="TOML config (server, per-model settings)"
+)
 @click.option("--max-batch-size", type=click.IntRange(min=1), help="rows per batch (all models)")
 @click.option("--batch-timeout-micros", type=click.IntRange(min=0), help="max wait of a batch's oldest request")
 @click.option("--max-enqueued-batches", type=click.IntRange(min=1), help="queue bound in batches; full -> 503")
@@ -79,9 +81,11 @@ def _logging(level: str) -> None:
 @click.option("--no-batching", is_flag=True, help="run each request on its own (for comparison)")
 @click.option("--threads", type=click.IntRange(min=0), help="engine threads per worker (0 = engine default)")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), help="request body limit  [default: 64]")
-@click.option("--poll-seconds", type=click.FloatRange(min=0), help="watch sources for new versions; 0 = off  [default: 2]")
+@click.option(
+    "--poll-seconds", type=click.FloatRange(min=0), help="watch sources for new versions; 0 = off  [default: 2]"
+)
 @click.option("--log-level", type=click.Choice(_LOG_LEVELS, case_sensitive=False), default=None, help="[default: info]")
-def serve(
+def serve(  # noqa: PLR0917 - click passes every option as an argument
     sources: tuple[Path, ...],
     host: str | None,
     port: int | None,
@@ -156,7 +160,7 @@ def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 @click.option("--num-batch-threads", type=click.IntRange(min=1), help="batch worker threads, one engine each")
 @click.option("--threads", type=click.IntRange(min=0), help="engine threads per worker (0 = engine default)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
-def score(
+def score(  # noqa: PLR0917 - click passes every option as an argument
     bundle: Path,
     input_path: Path,
     output: Path,
@@ -171,15 +175,16 @@ def score(
     Rows go through the same batcher and engines as the server.
     """
     from edgekit_runtime.runtime import Runtime
-    from edgekit_runtime.scoring import read_inputs
+    from edgekit_runtime.scoring import read_inputs, write_outputs
     from edgekit_runtime.scoring import score as run_score
-    from edgekit_runtime.scoring import write_outputs
 
     if output.suffix.lower() not in (".npy", ".npz", ".csv"):
         msg = f"{output}: unsupported output; use .npy, .npz or .csv"
         raise InvalidInputError(msg)
     # No batching delay offline: the queue is always full, batches close on size.
-    flags = BatchingOverrides(max_batch_size=max_batch_size, num_batch_threads=num_batch_threads, batch_timeout_micros=0)
+    flags = BatchingOverrides(
+        max_batch_size=max_batch_size, num_batch_threads=num_batch_threads, batch_timeout_micros=0
+    )
     with Runtime(batching=flags, threads=threads) as rt:
         names = rt.load(bundle)
         if model_name is None:

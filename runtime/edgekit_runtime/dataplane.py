@@ -102,7 +102,11 @@ class DataPlane:
         out = []
         for name in self.runtime.models():
             for st in self.runtime.status(name):
-                item: dict[str, Any] = {"name": name, "version": str(st.version), "state": _V2_STATE.get(st.state, st.state)}
+                item: dict[str, Any] = {
+                    "name": name,
+                    "version": str(st.version),
+                    "state": _V2_STATE.get(st.state, st.state),
+                }
                 if st.error_message:
                     item["reason"] = st.error_message
                 out.append(item)
@@ -112,4 +116,10 @@ class DataPlane:
         return self.runtime.reload(name)
 
 
-_V2_STATE = {"AVAILABLE": "READY", "LOADING": "LOADING", "UNLOADING": "UNLOADING", "END": "UNAVAILABLE", "START": "LOADING"}
+_V2_STATE = {
+    "AVAILABLE": "READY",
+    "LOADING": "LOADING",
+    "UNLOADING": "UNLOADING",
+    "END": "UNAVAILABLE",
+    "START": "LOADING",
+}

@@ -44,7 +44,9 @@ class _QueueCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
-            "edgekit_queue_depth", "Rows waiting for a batch worker (requests when batching is off)", labels=["model", "version"]
+            "edgekit_queue_depth",
+            "Rows waiting for a batch worker (requests when batching is off)",
+            labels=["model", "version"],
         )
         if self.source is not None:
             for model, version, rows in self.source():
@@ -61,11 +63,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         labels = ["model", "version"]
-        self.requests = Counter(
-            "edgekit_requests", "Inference requests received", labels, registry=self.registry
-        )
+        self.requests = Counter("edgekit_requests", "Inference requests received", labels, registry=self.registry)
         self.errors = Counter(
-            "edgekit_request_errors", "Inference requests that failed, by HTTP status", [*labels, "code"], registry=self.registry
+            "edgekit_request_errors",
+            "Inference requests that failed, by HTTP status",
+            [*labels, "code"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "edgekit_request_latency_seconds",
@@ -75,10 +78,17 @@ class Metrics:
             registry=self.registry,
         )
         self.batch_rows = Histogram(
-            "edgekit_batch_size", "Rows per executed batch (before padding)", labels, buckets=_BATCH_BUCKETS, registry=self.registry
+            "edgekit_batch_size",
+            "Rows per executed batch (before padding)",
+            labels,
+            buckets=_BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.padding = Counter(
-            "edgekit_batch_padding_rows", "Dummy rows added to reach an allowed batch size", labels, registry=self.registry
+            "edgekit_batch_padding_rows",
+            "Dummy rows added to reach an allowed batch size",
+            labels,
+            registry=self.registry,
         )
         self._queue = _QueueCollector()
         self.registry.register(self._queue)

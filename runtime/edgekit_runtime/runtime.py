@@ -183,7 +183,11 @@ class Runtime:
                 self._load_version(entry, cands[v])
         for v in sorted(entry.versions):
             if v not in desired:
-                why = "not offered by any source any more" if v not in cands else f"outside the version policy ({policy.describe()})"
+                why = (
+                    "not offered by any source any more"
+                    if v not in cands
+                    else f"outside the version policy ({policy.describe()})"
+                )
                 self._unload(entry, v, why)
 
     def _load_version(self, entry: _Entry, cand: Candidate) -> None:
@@ -196,7 +200,9 @@ class Runtime:
             if (m.name, m.version) != (entry.name, v):
                 msg = f"{cand.origin}: changed while loading (now {m.name} v{m.version})"
                 raise BundleError(msg)
-            settings = runtime_settings(m.profile.runtime, self.config, m.name, flags=self._flags, threads=self._threads)
+            settings = runtime_settings(
+                m.profile.runtime, self.config, m.name, flags=self._flags, threads=self._threads
+            )
             lm = LoadedModel.load(
                 bundle, settings, origin=cand.origin, key=cand.key, metrics=self.metrics.for_model(m.name, v)
             )
@@ -204,7 +210,7 @@ class Runtime:
             message = e.message if isinstance(e, EdgekitError) else f"{type(e).__name__}: {e}"
             entry.failed[v] = cand.key
             entry.status[v] = VersionStatus(v, END, _error_code(e), message, cand.origin)
-            log.error("%s v%d failed to load and will not serve: %s", entry.name, v, message)  # noqa: TRY400
+            log.error("%s v%d failed to load and will not serve: %s", entry.name, v, message)
             return
         versions = {**entry.versions, v: lm}
         entry.versions = versions
@@ -239,7 +245,9 @@ class Runtime:
         """Load what the sources offer now, then watch them every ``poll_seconds`` (0 = do not watch)."""
         self.refresh()
         if poll_seconds > 0 and self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, args=(poll_seconds,), name="edgekit-watch", daemon=True)
+            self._watcher = threading.Thread(
+                target=self._watch, args=(poll_seconds,), name="edgekit-watch", daemon=True
+            )
             self._watcher.start()
 
     def _watch(self, poll_seconds: float) -> None:
@@ -324,7 +332,9 @@ class Runtime:
                     raise
         raise AssertionError  # pragma: no cover
 
-    def predict(self, name: str, inputs: dict[str, Any], version: int | None = None, *, timeout: float | None = None) -> Outputs:
+    def predict(
+        self, name: str, inputs: dict[str, Any], version: int | None = None, *, timeout: float | None = None
+    ) -> Outputs:
         """Predict from synchronous code (any thread); blocks until this request's rows are back."""
         for attempt in range(2):
             lm = self.get(name, version)
@@ -360,4 +370,3 @@ class Runtime:
 
     async def __aexit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         await asyncio.to_thread(self.close)
-

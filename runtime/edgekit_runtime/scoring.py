@@ -49,7 +49,7 @@ def _read_csv(path: Path, spec: TensorSpec) -> np.ndarray:
     except ValueError as e:
         msg = f"{path}: not a numeric CSV with the same number of columns in every row ({e})"
         raise InvalidInputError(msg) from None
-    tail = [d for d in spec.shape[1:]]
+    tail = list(spec.shape[1:])
     if -1 in tail or int(np.prod(tail)) != data.shape[1]:
         msg = f"{path}: {data.shape[1]} columns do not fit input {spec.name!r} of shape {spec.shape}"
         raise InvalidInputError(msg)

@@ -41,33 +41,68 @@ def bundles(model_files: Models, tmp_path_factory: pytest.TempPathFactory) -> di
     d = tmp_path_factory.mktemp("bundles")
     m = model_files
     batching = {"max_batch_size": 8, "batch_timeout_micros": 0, "allowed_batch_sizes": [], "max_enqueued_batches": 64}
-    out = {
+    return {
         "mlp": models.make_bundle(
-            d / "mlp-1.ekb", name="mlp", version=1, fmt="tflite", model=m.mlp,
-            golden_in={"x": GOLDEN_X}, golden_out=m.mlp_golden_out, batching=batching,
+            d / "mlp-1.ekb",
+            name="mlp",
+            version=1,
+            fmt="tflite",
+            model=m.mlp,
+            golden_in={"x": GOLDEN_X},
+            golden_out=m.mlp_golden_out,
+            batching=batching,
         ),
         "mlp_v2": models.make_bundle(
-            d / "mlp-2.ekb", name="mlp", version=2, fmt="tflite", model=m.mlp_v2,
-            golden_in={"x": GOLDEN_X}, batching=batching,
+            d / "mlp-2.ekb",
+            name="mlp",
+            version=2,
+            fmt="tflite",
+            model=m.mlp_v2,
+            golden_in={"x": GOLDEN_X},
+            batching=batching,
         ),
         "mlp_bad": models.make_bundle(
-            d / "mlp-3-bad.ekb", name="mlp", version=3, fmt="tflite", model=m.mlp,
-            golden_in={"x": GOLDEN_X}, golden_out={"output_0": m.mlp_golden_out["output_0"] + 1.0}, batching=batching,
+            d / "mlp-3-bad.ekb",
+            name="mlp",
+            version=3,
+            fmt="tflite",
+            model=m.mlp,
+            golden_in={"x": GOLDEN_X},
+            golden_out={"output_0": m.mlp_golden_out["output_0"] + 1.0},
+            batching=batching,
         ),
         "fixed1": models.make_bundle(
-            d / "fixed1.ekb", name="fixed1", version=1, fmt="tflite", model=m.mlp_fixed1,
-            golden_in={"x": GOLDEN_X}, golden_out=m.mlp_golden_out, batching=batching,
+            d / "fixed1.ekb",
+            name="fixed1",
+            version=1,
+            fmt="tflite",
+            model=m.mlp_fixed1,
+            golden_in={"x": GOLDEN_X},
+            golden_out=m.mlp_golden_out,
+            batching=batching,
         ),
         "int8": models.make_bundle(
-            d / "int8.ekb", name="int8", version=1, fmt="tflite", model=m.mlp_int8, quantization="int8",
-            golden_in={"x": GOLDEN_X}, golden_out=m.mlp_golden_out, atol=0.15, batching=batching,
+            d / "int8.ekb",
+            name="int8",
+            version=1,
+            fmt="tflite",
+            model=m.mlp_int8,
+            quantization="int8",
+            golden_in={"x": GOLDEN_X},
+            golden_out=m.mlp_golden_out,
+            atol=0.15,
+            batching=batching,
         ),
         "two": models.make_bundle(
-            d / "two.ekb", name="two", version=1, fmt="onnx", model=m.two,
-            golden_in={"a": GOLDEN_X[:, :3], "b": GOLDEN_X[:, 1:]}, batching=batching,
+            d / "two.ekb",
+            name="two",
+            version=1,
+            fmt="onnx",
+            model=m.two,
+            golden_in={"a": GOLDEN_X[:, :3], "b": GOLDEN_X[:, 1:]},
+            batching=batching,
         ),
     }
-    return out
 
 
 def reference(model_files: Models, x: np.ndarray) -> np.ndarray:

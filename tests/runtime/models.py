@@ -45,7 +45,9 @@ def make_bundle(
     if golden_in is not None:
         if golden_out is None:
             golden_out = backend.run(golden_in)
-        golden = GoldenInfo(inputs=GOLDEN_INPUTS, outputs=GOLDEN_OUTPUTS, count=len(next(iter(golden_in.values()))), atol=atol)
+        golden = GoldenInfo(
+            inputs=GOLDEN_INPUTS, outputs=GOLDEN_OUTPUTS, count=len(next(iter(golden_in.values()))), atol=atol
+        )
     manifest = Manifest(
         name=name,
         version=version,
@@ -110,7 +112,10 @@ def onnx_two_in_two_out() -> bytes:
     s = helper.make_tensor_value_info("sum", TensorProto.FLOAT, ["n", 3])
     p = helper.make_tensor_value_info("prod", TensorProto.FLOAT, ["n", 3])
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Mul", ["a", "b"], ["prod"])], "g", [a, b], [s, p]
+        [helper.make_node("Add", ["a", "b"], ["sum"]), helper.make_node("Mul", ["a", "b"], ["prod"])],
+        "g",
+        [a, b],
+        [s, p],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8

@@ -55,7 +55,7 @@ class FakeBackend(Backend):
 
 
 def rows(n: int, start: float = 0) -> np.ndarray:
-    return (np.arange(n * 2, dtype=np.float32).reshape(n, 2) + start)
+    return np.arange(n * 2, dtype=np.float32).reshape(n, 2) + start
 
 
 def settings(**kw: object) -> BatchingSettings:

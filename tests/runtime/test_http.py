@@ -52,7 +52,9 @@ def test_v1_status_and_metadata(client: Client) -> None:
     r = client.get("/v1/models/mlp")
     assert r.status_code == 200
     assert r.json() == {
-        "model_version_status": [{"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]
+        "model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        ]
     }
     assert client.get("/v1/models/mlp/versions/1").status_code == 200
     meta = client.get("/v1/models/mlp/metadata").json()
@@ -70,7 +72,9 @@ def test_v1_predict_row_and_columnar(client: Client, model_files: Models) -> Non
     r = client.post("/v1/models/mlp:predict", json={"instances": X.tolist()})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["predictions"], want, atol=1e-4)
-    r = client.post("/v1/models/mlp/versions/1:predict", json={"signature_name": "serving_default", "inputs": X.tolist()})
+    r = client.post(
+        "/v1/models/mlp/versions/1:predict", json={"signature_name": "serving_default", "inputs": X.tolist()}
+    )
     np.testing.assert_allclose(r.json()["outputs"], want, atol=1e-4)
     r = client.post("/v1/models/mlp:predict", json={"inputs": {"x": X.tolist()}})
     np.testing.assert_allclose(r.json()["outputs"], want, atol=1e-4)
@@ -80,7 +84,10 @@ def test_v1_predict_row_and_columnar(client: Client, model_files: Models) -> Non
 
 def test_v1_multi_input_multi_output(client: Client) -> None:
     a, b = X[:, :3], X[:, 1:]
-    r = client.post("/v1/models/two:predict", json={"instances": [{"a": x.tolist(), "b": y.tolist()} for x, y in zip(a, b)]})
+    r = client.post(
+        "/v1/models/two:predict",
+        json={"instances": [{"a": x.tolist(), "b": y.tolist()} for x, y in zip(a, b, strict=True)]},
+    )
     preds = r.json()["predictions"]
     assert len(preds) == 4
     np.testing.assert_allclose([p["sum"] for p in preds], a + b, rtol=1e-6)
@@ -96,7 +103,9 @@ def test_v1_b64_nan_fixed_batch_and_int8(client: Client, model_files: Models) ->
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["predictions"], reference(model_files, X), atol=1e-4)
     r = client.post(
-        "/v1/models/mlp:predict", content=b'{"instances": [[NaN, 1, 2, Infinity]]}', headers={"content-type": "application/json"}
+        "/v1/models/mlp:predict",
+        content=b'{"instances": [[NaN, 1, 2, Infinity]]}',
+        headers={"content-type": "application/json"},
     )
     assert r.status_code == 200, r.text
     assert "NaN" in r.text or "null" in r.text
@@ -215,7 +224,9 @@ def test_v2_output_selection(client: Client) -> None:
     assert "nope" in error(client.post("/v2/models/two/infer", json=body), 400)
 
 
-def binary_request(inputs: dict[str, np.ndarray], *, binary_out: bool = True, outputs: list[dict[str, Any]] | None = None) -> tuple[bytes, dict[str, str]]:
+def binary_request(
+    inputs: dict[str, np.ndarray], *, binary_out: bool = True, outputs: list[dict[str, Any]] | None = None
+) -> tuple[bytes, dict[str, str]]:
     doc: dict[str, Any] = {
         "inputs": [
             {"name": k, "shape": list(v.shape), "datatype": "FP32", "parameters": {"binary_data_size": v.nbytes}}
@@ -250,7 +261,9 @@ def test_v2_binary_in_and_out(client: Client, model_files: Models) -> None:
     # per-output choice: JSON for one output, binary for the other
     a = X[:, :3]
     body, headers = binary_request(
-        {"a": a, "b": a}, binary_out=False, outputs=[{"name": "sum"}, {"name": "prod", "parameters": {"binary_data": True}}]
+        {"a": a, "b": a},
+        binary_out=False,
+        outputs=[{"name": "sum"}, {"name": "prod", "parameters": {"binary_data": True}}],
     )
     r = client.post("/v2/models/two/infer", content=body, headers=headers)
     n = int(r.headers["inference-header-content-length"])
@@ -264,7 +277,9 @@ def test_v2_bytes_elements_are_length_prefixed(client: Client) -> None:
         {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "BYTES", "parameters": {"binary_data_size": 4 * 5}}]}
     ).encode()
     raw = b"".join(struct.pack("<I", 1) + b"a" for _ in range(4))
-    r = client.post("/v2/models/mlp/infer", content=header + raw, headers={"inference-header-content-length": str(len(header))})
+    r = client.post(
+        "/v2/models/mlp/infer", content=header + raw, headers={"inference-header-content-length": str(len(header))}
+    )
     msg = error(r, 400)  # decoded fine, but the model wants FP32
     assert "'x'" in msg
     assert "float32" in msg
@@ -274,16 +289,31 @@ def test_v2_bytes_elements_are_length_prefixed(client: Client) -> None:
     ("doc", "needles"),
     [
         ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3]}]}, ["'x'", "4 elements"]),
-        ({"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}, ["'x'", "float32", "[-1, 4]"]),
-        ({"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}, ["'x'", "float32", "[-1, 4]"]),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]},
+            ["'x'", "float32", "[-1, 4]"],
+        ),
+        (
+            {"inputs": [{"name": "y", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]},
+            ["'x'", "float32", "[-1, 4]"],
+        ),
         ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP99", "data": [1, 2, 3, 4]}]}, ["unknown datatype"]),
-        ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ["a", "b", "c", "d"]}]}, ["'x'", "FP32"]),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": ["a", "b", "c", "d"]}]},
+            ["'x'", "FP32"],
+        ),
         ({"inputs": [{"name": "x", "shape": [1, -4], "datatype": "FP32", "data": [1]}]}, ["'x'", "shape"]),
         ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32"}]}, ["'x'", "data"]),
         ({"inputs": [{"name": "x", "shape": [0, 4], "datatype": "FP32", "data": []}]}, ["'x'", "at least one row"]),
         ({"inputs": []}, ["inputs"]),
-        ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}}]}, ["binary_data_size"]),
-        ({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}], "outputs": "all"}, ["outputs"]),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "parameters": {"binary_data_size": 16}}]},
+            ["binary_data_size"],
+        ),
+        (
+            {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}], "outputs": "all"},
+            ["outputs"],
+        ),
     ],
 )
 def test_v2_bad_inputs_are_400_and_name_the_problem(client: Client, doc: dict[str, Any], needles: list[str]) -> None:
@@ -299,17 +329,31 @@ def test_v2_bad_binary_framing(client: Client) -> None:
     headers["inference-header-content-length"] = "abc"
     assert error(client.post("/v2/models/mlp/infer", content=body, headers=headers), 400)
     body, headers = binary_request({"x": X})
-    assert "after the last input" in error(client.post("/v2/models/mlp/infer", content=body + b"xx", headers=headers), 400)
+    assert "after the last input" in error(
+        client.post("/v2/models/mlp/infer", content=body + b"xx", headers=headers), 400
+    )
     doc = json.loads(body[: int(headers["inference-header-content-length"])])
     doc["inputs"][0]["parameters"]["binary_data_size"] = 60  # not 4 x 4 x 4 bytes
     header = json.dumps(doc).encode()
-    r = client.post("/v2/models/mlp/infer", content=header + body[-64:][:60], headers={"inference-header-content-length": str(len(header))})
+    r = client.post(
+        "/v2/models/mlp/infer",
+        content=header + body[-64:][:60],
+        headers={"inference-header-content-length": str(len(header))},
+    )
     assert "needs 64 bytes" in error(r, 400)
 
 
 def test_garbage_never_crashes_the_server(client: Client) -> None:
     rng = random.Random(0)
-    samples = [b"", b"null", b"{}", b'{"inputs": null}', b'{"instances": {"x": 1}}', b"\xff\xfe\x00", b"[" * 5000 + b"]" * 5000]
+    samples = [
+        b"",
+        b"null",
+        b"{}",
+        b'{"inputs": null}',
+        b'{"instances": {"x": 1}}',
+        b"\xff\xfe\x00",
+        b"[" * 5000 + b"]" * 5000,
+    ]
     samples += [bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))) for _ in range(30)]
     for body in samples:
         for url in ("/v1/models/mlp:predict", "/v2/models/mlp/infer", "/v2/models/two/infer", "/v1/models/two:predict"):

@@ -32,7 +32,7 @@ def test_sync_and_async_predict(bundles: dict[str, Path], model_files: Models) -
         np.testing.assert_allclose(np.concatenate([o["output_0"] for o in outs]), want, atol=1e-4)
         with pytest.raises(NotFoundError, match="served models: mlp"):
             rt.predict("nope", {"x": X})
-        with pytest.raises(InvalidInputError, match="'x'.*float32.*\\[-1, 4\\]"):
+        with pytest.raises(InvalidInputError, match=r"'x'.*float32.*\[-1, 4\]"):
             rt.predict("mlp", {"x": X[:, :3]})
 
 
@@ -100,11 +100,7 @@ enabled = false
 
 
 def test_pre_and_post_processing(model_files: Models, tmp_path: Path) -> None:
-    b = read_bundle(
-        models.make_bundle(
-            tmp_path / "raw.ekb", name="two", version=1, fmt="onnx", model=model_files.two
-        )
-    )
+    b = read_bundle(models.make_bundle(tmp_path / "raw.ekb", name="two", version=1, fmt="onnx", model=model_files.two))
     m = b.manifest.model_copy(
         update={
             "preprocessing": Preprocessing(input="a", mean=[1.0], std=[2.0]),

@@ -56,7 +56,9 @@ def served(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     store = tmp_path_factory.mktemp("served-store")
     install_bundle(bundles["mlp"], store)
     port = free_port()
-    proc = start_server(str(store), str(bundles["two"]), "--port", str(port), "--poll-seconds", "0.2", "--log-level", "warning")
+    proc = start_server(
+        str(store), str(bundles["two"]), "--port", str(port), "--poll-seconds", "0.2", "--log-level", "warning"
+    )
     try:
         wait_ready(proc, port)
         yield port, store
@@ -166,7 +168,8 @@ def test_device_modules_never_import_tensorflow() -> None:
         "import edgekit_runtime.scoring, edgekit_runtime.store, edgekit_runtime.backends.litert\n"
         "import edgekit_runtime.backends.onnxrt\n"
         "from edgekit_runtime import Runtime\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf2onnx', 'edgekit_converters'))\n"
+        "heavy = ('tensorflow', 'keras', 'tf2onnx', 'edgekit_converters')\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

@@ -102,7 +102,7 @@ class App:
                 try:
                     if self._on_startup is not None:
                         self._on_startup()
-                except Exception as e:  # reported to the server, which exits
+                except Exception as e:  # noqa: BLE001 - reported to uvicorn, which exits
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
                 await send({"type": "lifespan.startup.complete"})
@@ -117,7 +117,7 @@ class App:
             reply = await self._route(scope, receive)
         except _ClientGoneError:
             return
-        except Exception as e:  # noqa: BLE001 - every failure becomes a reply, in one place
+        except Exception as e:  # noqa: BLE001 - every failure becomes a reply, mapped in one place
             reply = error_reply(e)
         headers = [(b"content-type", reply.content_type), (b"content-length", str(len(reply.body)).encode())]
         if reply.headers:

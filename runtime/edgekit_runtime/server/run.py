@@ -56,7 +56,9 @@ def serve(
     """Serve until interrupted: bind, start uvicorn, load models in the background, close on exit."""
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
-    loader = threading.Thread(target=runtime.start, kwargs={"poll_seconds": poll_seconds}, name="edgekit-load", daemon=True)
+    loader = threading.Thread(
+        target=runtime.start, kwargs={"poll_seconds": poll_seconds}, name="edgekit-load", daemon=True
+    )
 
     def on_shutdown() -> None:
         loader.join()

@@ -120,7 +120,7 @@ def _array(value: Any, spec: TensorSpec | None, name: str, lm: LoadedModel) -> n
                 rows = decoded if isinstance(decoded, list) else [decoded]
                 return np.stack([np.frombuffer(r, dtype=dt).reshape(tail) for r in rows])
             arr = np.empty(_shape_of(decoded), dtype=object)
-            arr[...] = decoded if arr.ndim else decoded
+            arr[...] = decoded
             return arr
         if spec is not None and spec.np_dtype.kind == "f":
             return np.asarray(value, dtype=spec.np_dtype)

@@ -193,7 +193,8 @@ def _selection(lm: LoadedModel, doc: dict[str, Any]) -> list[tuple[str, bool]]:
     selection = []
     for o in wanted:
         if not isinstance(o, dict) or o.get("name") not in names:
-            msg = f"requested output {o.get('name') if isinstance(o, dict) else o!r} does not exist; outputs are: {', '.join(names)}"
+            asked = o.get("name") if isinstance(o, dict) else o
+            msg = f"requested output {asked!r} does not exist; outputs are: {', '.join(names)}"
             raise InvalidInputError(msg)
         p = o.get("parameters")
         binary = p.get("binary_data", binary_all) if isinstance(p, dict) else binary_all
@@ -201,7 +202,9 @@ def _selection(lm: LoadedModel, doc: dict[str, Any]) -> list[tuple[str, bool]]:
     return selection
 
 
-def encode(lm: LoadedModel, outputs: dict[str, np.ndarray], doc: dict[str, Any], selection: list[tuple[str, bool]]) -> Reply:
+def encode(
+    lm: LoadedModel, outputs: dict[str, np.ndarray], doc: dict[str, Any], selection: list[tuple[str, bool]]
+) -> Reply:
     items = []
     chunks = []
     for name, binary in selection:
