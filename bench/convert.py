@@ -89,7 +89,7 @@ def bench_model(name: str, model: Path, profiles: list[str], options_kw: dict[st
                     source, profile, plan=plan, reference=reference, options=options, workdir=sub, reporter=Reporter()
                 )
             except EdgekitError as e:
-                row.budgets = "not converted: " + e.message[:150]
+                row.budgets = "not converted: " + e.message.split("; ")[0].removeprefix(f"profile {profile.name}: ")
                 rows.append(row)
                 print(f"  {name} {profile.name}: {row.budgets}", file=sys.stderr)
                 continue
@@ -152,6 +152,11 @@ def settings(args: argparse.Namespace) -> str:
             f"({args.mobilenet_samples} samples) and synthetic validation (32 samples): agreement only, no accuracy",
             "- digits: examples/digits (calibration.npy, 200 samples; validation.npz, 360 labelled samples)",
             "- size ratio: against the float32 model of the same format (TFLite generic-cpu / tf2onnx output)",
+            "- conversion s: the profile's conversion step only; loading and the Keras -> SavedModel export are "
+            "shared and excluded; the first ONNX profile of a model (alphabetically jetson-orin) also pays for "
+            "tf2onnx (SavedModel -> ONNX), which later ONNX profiles reuse",
+            "- MobileNetV2 has random weights: its top-1 agreement on synthetic inputs says little (near-uniform "
+            "scores); the digits rows carry the accuracy evidence",
             "- budgets: --no-strict semantics (reported, not fatal)",
             f"- targets: {TARGETS}",
         ]

@@ -68,3 +68,14 @@ def test_unknown_profile() -> None:
     r = invoke("profiles", "show", "nope")
     assert r.exit_code == 10
     assert "unknown profile 'nope'" in r.output
+
+
+def test_help_lists_every_command() -> None:
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for command in ("convert", "inspect", "bench", "profiles"):
+        assert command in r.output
+    r = invoke("convert", "--help")
+    assert r.exit_code == 0
+    assert "--synthetic-calibration" in r.output
+    assert "--no-strict" in r.output
