@@ -445,7 +445,7 @@ def scenario_1(ctx: Context) -> None:
             batching=off.describe(),
         )
     base.target = "baseline for the 10x target"
-    timeouts = (1000,) if ctx.smoke else (0, 1000, 2000)
+    timeouts = (1000,) if ctx.smoke else (0, 1000, 2000, 5000)
     for t in timeouts:
         on = BatchConfig(
             max_batch_size=64, batch_timeout_micros=t, max_enqueued_batches=16, allowed_batch_sizes=powers_of_two(64)
@@ -469,7 +469,13 @@ def scenario_1(ctx: Context) -> None:
                 )
                 vs_off = row.rps / base.rps if base.rps else float("inf")
                 vs_raw = row.rps / raw.rps
-                judge(row, vs_off >= 10 and vs_raw >= 0.7, f"≥10x off: {vs_off:.1f}x; ≥70% raw best: {vs_raw:.0%}")
+                # The engine's own best-batch / batch-1 ratio bounds what batching can gain over "off".
+                ceiling = raw.rps / sweep[1]["rows_per_s"]
+                judge(
+                    row,
+                    vs_off >= 10 and vs_raw >= 0.7,
+                    f"≥10x off: {vs_off:.1f}x (raw engine best/batch-1: {ceiling:.1f}x); ≥70% raw best: {vs_raw:.0%}",
+                )
 
 
 def scenario_2(ctx: Context) -> None:
@@ -504,26 +510,32 @@ def scenario_2(ctx: Context) -> None:
             else:
                 row.target = f"for comparison: {share:.0%} of raw best"
     if not ctx.smoke:
-        off = BatchConfig(enabled=False, max_enqueued_batches=conc)
-        with serving(ctx, [bundle], off, "s2-off") as srv:
-            row = load_row(
-                ctx,
-                srv,
-                v2_binary(name, in_name, x32, "output_0"),
-                expected,
-                scenario=2,
-                who="edgekit",
-                spec=spec,
-                fmt="tflite",
-                concurrency=conc,
-                batching=off.describe(),
-            )
-            row.target = f"for comparison: {row.rps / raw.rps:.0%} of raw best"
+        for label, cfg in (("s2-max16", mobilenet_batching(16)), ("s2-off", BatchConfig(enabled=False))):
+            with serving(ctx, [bundle], cfg, label) as srv:
+                row = load_row(
+                    ctx,
+                    srv,
+                    v2_binary(name, in_name, x32, "output_0"),
+                    expected,
+                    scenario=2,
+                    who="edgekit",
+                    spec=spec,
+                    fmt="tflite",
+                    concurrency=conc,
+                    batching=cfg.describe(),
+                )
+                share = row.rps / raw.rps
+                judge(row, share >= 0.9, f"≥90% raw best: {share:.0%} (variant)")
 
 
-def mobilenet_batching() -> BatchConfig:
+def mobilenet_batching(max_batch_size: int = 8) -> BatchConfig:
+    """A compute-bound CNN gains little from big batches; at concurrency 16 a max of 8 keeps two full batches
+    in flight. (A max of 16 alternates around 8 rows and pads 9..15 up to 16: wasted compute.)"""
     return BatchConfig(
-        max_batch_size=16, batch_timeout_micros=1000, max_enqueued_batches=16, allowed_batch_sizes=powers_of_two(16)
+        max_batch_size=max_batch_size,
+        batch_timeout_micros=1000,
+        max_enqueued_batches=16,
+        allowed_batch_sizes=powers_of_two(max_batch_size),
     )
 
 
@@ -812,7 +824,7 @@ def render(ctx: Context, scenarios: list[int], started: float) -> str:
         if ctx.smoke
         else "Full run"
     )
-    lines += [f"{mode}, `python bench/{Path(__file__).name} {' '.join(ctx.args.argv)}`".rstrip(), ""]
+    lines += [f"{mode}, `{shlex.join(['python', f'bench/{Path(__file__).name}', *ctx.args.argv])}`".rstrip(), ""]
     lines += environment(ctx)
     if ctx.args.note:
         lines.append(f"- Note: {ctx.args.note}")
