@@ -51,6 +51,9 @@ class OnnxRuntimeBackend(Backend):
         if settings.threads:
             opts.intra_op_num_threads = settings.threads
         opts.inter_op_num_threads = 1
+        # ORT's pool spins between runs by default; beside a batcher that idles between batches
+        # (and an event loop on the same cores) spinning burns a core for nothing.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         source = model if isinstance(model, bytes) else str(model)
         try:

@@ -8,12 +8,15 @@ from typing import Any
 
 import numpy as np
 import orjson
+import simdjson
 
 from edgekit_runtime.errors import InvalidInputError
 
-__all__ = ["dumps", "jsonable", "loads"]
+__all__ = ["dumps", "jsonable", "loads", "loads_tensors"]
 
 _OPTS = orjson.OPT_SERIALIZE_NUMPY
+# Below this size orjson's Python objects are cheaper than walking simdjson's lazy proxies.
+_FAST_PATH_BYTES = 32 * 1024
 
 
 def loads(body: bytes | memoryview) -> Any:
@@ -29,6 +32,64 @@ def loads(body: bytes | memoryview) -> Any:
                 pass
         msg = f"malformed JSON body: {e}"
         raise InvalidInputError(msg) from None
+
+
+def loads_tensors(body: bytes | memoryview, tensor_keys: frozenset[str]) -> Any:
+    """Parse a request body, turning big numeric arrays under ``tensor_keys`` straight into arrays.
+
+    Building one Python float per element and then an array from them dominates big JSON
+    requests (an image is ~150k numbers: ~20 ms with orjson + numpy, ~50 ms when nested). simdjson
+    copies a numeric array of any nesting into a buffer in C; the shape comes from the first element
+    at each level and must account for every element, else the value goes the slow way and is
+    reported as ragged there. Anything else (small bodies, NaN, strings, b64) takes ``loads``.
+    """
+    if len(body) < _FAST_PATH_BYTES:
+        return loads(body)
+    try:
+        doc = simdjson.Parser().parse(bytes(body))
+    except ValueError:
+        return loads(body)  # NaN / Infinity, or malformed: the slow path accepts or explains
+    return _convert(doc, tensor_keys, in_tensor=False)
+
+
+def _convert(node: Any, keys: frozenset[str], *, in_tensor: bool) -> Any:
+    if isinstance(node, simdjson.Object):
+        # Under a tensor key, an object maps input names to tensors (TF Serving's columnar format).
+        # (items() would convert the values to Python objects: index the lazy proxy instead)
+        return {k: _convert(node[k], keys, in_tensor=in_tensor or k in keys) for k in node.keys()}  # noqa: SIM118
+    if isinstance(node, simdjson.Array):
+        if in_tensor:
+            arr = _numeric(node)
+            if arr is not None:
+                return arr
+        return node.as_list() if in_tensor else [_convert(node[i], keys, in_tensor=False) for i in range(len(node))]
+    return node
+
+
+def _numeric(node: Any) -> np.ndarray | None:
+    shape: list[int] = []
+    leaf: Any = node
+    while isinstance(leaf, simdjson.Array):
+        shape.append(len(leaf))
+        if not len(leaf):
+            return None
+        leaf = leaf[0]
+    if isinstance(leaf, bool) or not isinstance(leaf, int | float):
+        return None
+    kind = "i" if isinstance(leaf, int) else "d"
+    try:
+        buf = node.as_buffer(of_type=kind)
+    except (TypeError, ValueError):
+        if kind == "d":
+            return None
+        try:  # ints first, floats later in the array
+            buf, kind = node.as_buffer(of_type="d"), "d"
+        except (TypeError, ValueError):
+            return None
+    arr = np.frombuffer(buf, dtype=np.int64 if kind == "i" else np.float64)
+    if arr.size != int(np.prod(shape)):
+        return None  # ragged: let the slow path name the problem
+    return arr.reshape(shape)
 
 
 def jsonable(arr: np.ndarray) -> Any:

@@ -14,7 +14,7 @@ from edgekit_runtime.errors import EdgekitError, InvalidInputError
 from edgekit_runtime.model import LoadedModel
 from edgekit_runtime.runtime import VersionStatus
 from edgekit_runtime.server.errors import Reply, json_reply
-from edgekit_runtime.server.jsonutil import dumps, jsonable, loads
+from edgekit_runtime.server.jsonutil import dumps, jsonable, loads_tensors
 from edgekit_runtime.tensors import TensorSpec
 
 __all__ = ["metadata", "predict", "reload", "status"]
@@ -85,6 +85,10 @@ def metadata(dp: DataPlane, name: str, version: str | None) -> Reply:
 # -- predict ----------------------------------------------------------------------------------
 
 
+# "instances" rows, "inputs" columns (a list, or an object of named lists).
+_TENSOR_KEYS = frozenset({"instances", "inputs"})
+
+
 def _is_b64(x: Any) -> bool:
     return isinstance(x, dict) and len(x) == 1 and "b64" in x
 
@@ -146,7 +150,7 @@ def _shape_of(x: Any) -> tuple[int, ...]:
 
 def decode(body: bytes, lm: LoadedModel) -> tuple[dict[str, np.ndarray], bool]:
     """The feeds of a predict body and whether it used the row ("instances") format."""
-    doc = loads(body)
+    doc = loads_tensors(body, _TENSOR_KEYS)
     if not isinstance(doc, dict):
         msg = 'the body must be a JSON object with "instances" (rows) or "inputs" (columns)'
         raise InvalidInputError(msg)
@@ -161,7 +165,7 @@ def decode(body: bytes, lm: LoadedModel) -> tuple[dict[str, np.ndarray], bool]:
     specs = {s.name: s for s in lm.inputs}
     if rows_fmt:
         instances = doc["instances"]
-        if not isinstance(instances, list) or not instances:
+        if not isinstance(instances, list | np.ndarray) or not len(instances):
             msg = '"instances" must be a non-empty list, one element per row'
             raise InvalidInputError(msg)
         first = instances[0]

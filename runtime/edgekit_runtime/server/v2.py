@@ -20,13 +20,14 @@ from edgekit_runtime.dataplane import DataPlane
 from edgekit_runtime.errors import EdgekitError, InvalidInputError
 from edgekit_runtime.model import LoadedModel
 from edgekit_runtime.server.errors import Reply, json_reply
-from edgekit_runtime.server.jsonutil import dumps, jsonable, loads
+from edgekit_runtime.server.jsonutil import dumps, jsonable, loads_tensors
 from edgekit_runtime.tensors import numpy_dtype, v2_datatype
 
 __all__ = ["HEADER_LENGTH", "infer", "model_metadata", "model_ready"]
 
 HEADER_LENGTH = b"inference-header-content-length"
 _OCTET = b"application/octet-stream"
+_TENSOR_KEYS = frozenset({"data"})
 _PLATFORM = {"tflite": "tensorflow_lite", "onnx": "onnxruntime_onnx"}
 
 
@@ -144,13 +145,13 @@ def decode(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any], list[tuple[str, bool]]]:
     """Feeds, the request document (for its id) and the output selection of an infer body."""
     if header_length is None:
-        doc, binary = loads(body), memoryview(b"")
+        doc, binary = loads_tensors(body, _TENSOR_KEYS), memoryview(b"")
     else:
         if header_length > len(body):
             msg = f"Inference-Header-Content-Length {header_length} is larger than the body ({len(body)} bytes)"
             raise InvalidInputError(msg)
         view = memoryview(body)
-        doc, binary = loads(view[:header_length]), view[header_length:]
+        doc, binary = loads_tensors(view[:header_length], _TENSOR_KEYS), view[header_length:]
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         msg = "the body must be a JSON object with a non-empty 'inputs' list"
         raise InvalidInputError(msg)
