@@ -390,3 +390,19 @@ def test_openapi_matches_the_router(client: Client) -> None:
         r = client.request(method.upper(), url, content=b"{}")
         assert not (r.status_code == 404 and "no route" in r.text), (method, path)
         assert r.status_code != 405, (method, path)
+
+
+def test_overload_warnings_are_throttled(caplog: pytest.LogCaptureFixture) -> None:
+    from edgekit_runtime.server.errors import _Throttle, error_reply
+
+    throttle = _Throttle(interval=60)
+    with caplog.at_level("WARNING", logger="edgekit_runtime.server"):
+        for _ in range(100):
+            throttle.warn("UnavailableError", "queue full")
+        throttle._last["UnavailableError"] -= 61  # the interval has passed
+        throttle.warn("UnavailableError", "queue full")
+    assert [r.getMessage() for r in caplog.records] == [
+        "UnavailableError: queue full",
+        "UnavailableError: queue full (and 99 more like it since the last line)",
+    ]
+    assert error_reply(UnavailableError("queue full")).status == 503

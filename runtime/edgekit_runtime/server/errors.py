@@ -6,6 +6,7 @@ Both protocols use that body (TF Serving REST and the Open Inference Protocol ag
 from __future__ import annotations
 
 import logging
+import time
 
 import orjson
 
@@ -50,11 +51,33 @@ def json_reply(doc: object, status: int = 200) -> Reply:
     return Reply(status, orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY))
 
 
+class _Throttle:
+    """At most one log line per error type per ``interval`` seconds, with the count it stood for:
+    an overloaded server answers thousands of 503s a second and must not drown its log in them."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, kind: str, message: str) -> None:
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.interval) < self.interval:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        more = self._suppressed.pop(kind, 0)
+        log.warning("%s: %s%s", kind, message, f" (and {more} more like it since the last line)" if more else "")
+
+
+_throttle = _Throttle()
+
+
 def error_reply(exc: BaseException) -> Reply:
     if isinstance(exc, EdgekitError):
         status, message = exc.http_status, exc.message
         if status >= 500:
-            log.warning("%s: %s", type(exc).__name__, message)
+            _throttle.warn(type(exc).__name__, message)
     else:
         log.error("internal error while handling a request", exc_info=exc)
         status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
