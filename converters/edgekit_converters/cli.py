@@ -121,6 +121,32 @@ class _RichReporter(Reporter):
     help="time budget per batch size for the host latency measurement",
 )
 @click.option(
+    "--normalize",
+    metavar="MEAN,STD",
+    default=None,
+    help="the runtime feeds (x - MEAN) / STD to the model, clients send raw values; each a number or "
+    "per-channel numbers joined by ':' (e.g. 127.5,127.5 or 0.485:0.456:0.406,0.229:0.224:0.225); "
+    "--calibration/--validation data are raw and normalised the same way",
+)
+@click.option(
+    "--normalize-input", metavar="NAME", default=None, help="input --normalize applies to (default: the only one)"
+)
+@click.option(
+    "--labels",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="text file, one label per line: replies gain top_k_indices/_scores/_labels",
+)
+@click.option(
+    "--top-k",
+    type=int,
+    default=None,
+    help="how many top classes replies carry with --labels (default 5, at most the label count)",
+)
+@click.option(
+    "--labels-output", metavar="NAME", default=None, help="output --labels applies to (default: the only one)"
+)
+@click.option(
     "--strict/--no-strict", default=True, help="--no-strict: report failed budgets as warnings, write the bundle"
 )
 @click.option("--json", "as_json", is_flag=True, help=json_option_help)
@@ -136,6 +162,11 @@ def convert(  # noqa: PLR0917 - click passes every option as an argument
     calibration_samples: int | None,
     image_range: str,
     latency_seconds: float,
+    normalize: str | None,
+    normalize_input: str | None,
+    labels: Path | None,
+    top_k: int | None,
+    labels_output: str | None,
     strict: bool,
     as_json: bool,
 ) -> None:
@@ -153,6 +184,11 @@ def convert(  # noqa: PLR0917 - click passes every option as an argument
         calibration_samples=calibration_samples,
         image_range=image_range,
         latency_seconds=latency_seconds,
+        normalize=normalize,
+        normalize_input=normalize_input,
+        labels=labels,
+        top_k=top_k,
+        labels_output=labels_output,
     )
     out = _stderr_console()
     with _RichReporter(out) as reporter:

@@ -19,7 +19,7 @@ from typing import Any
 
 from edgekit.errors import InvalidInputError
 from edgekit.profiles import Profile
-from edgekit_converters import budgets, calibration, constraints, to_onnx, to_tflite
+from edgekit_converters import budgets, calibration, constraints, processing, to_onnx, to_tflite
 from edgekit_converters._native import captured_stderr
 from edgekit_converters.sources import Source, load_source
 from edgekit_converters.validation import validate
@@ -28,6 +28,8 @@ from edgekit_runtime.bundle import (
     Bundle,
     GoldenInfo,
     Manifest,
+    Postprocessing,
+    Preprocessing,
     ProfileRef,
     SourceInfo,
     sha256_bytes,
@@ -48,6 +50,12 @@ class Options:
     calibration_samples: int | None = None
     image_range: str = "0,1"
     latency_seconds: float = 1.0
+    # manifest pre/post-processing (see processing.py): "MEAN,STD", e.g. "127.5,127.5" or "0.5:0.4:0.3,0.2:0.2:0.2"
+    normalize: str | None = None
+    normalize_input: str | None = None
+    labels: Path | None = None
+    top_k: int | None = None  # default processing.DEFAULT_TOP_K (at most the label count)
+    labels_output: str | None = None
 
 
 class Reporter:
@@ -163,6 +171,8 @@ def convert_profile(
     options: Options,
     workdir: Path,
     reporter: Reporter,
+    preprocessing: Preprocessing | None = None,
+    postprocessing: Postprocessing | None = None,
 ) -> tuple[ProfileResult, Bundle]:
     """Convert, check, validate and measure one profile; the bundle is returned, not yet written."""
     c = profile.conversion
@@ -224,6 +234,8 @@ def convert_profile(
         ),
         calibration=calib_info,
         validation={**val.metrics, "budgets": [ch.as_dict() for ch in checks]},
+        preprocessing=preprocessing,
+        postprocessing=postprocessing,
         converter=_versions(),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
@@ -234,12 +246,45 @@ def convert_profile(
     return result, bundle
 
 
+def _parse_processing(options: Options) -> tuple[processing.Normalization | None, list[str] | None]:
+    """The --normalize / --labels values on their own, before any slow work."""
+    if options.normalize is None and options.normalize_input is not None:
+        msg = "--normalize-input needs --normalize MEAN,STD"
+        raise InvalidInputError(msg)
+    if options.labels is None and (options.top_k is not None or options.labels_output is not None):
+        which = "--top-k" if options.top_k is not None else "--labels-output"
+        msg = f"{which} needs --labels FILE (a text file with one label per line)"
+        raise InvalidInputError(msg)
+    if options.top_k is not None and options.top_k < 1:
+        msg = f"--top-k {options.top_k}: must be at least 1"
+        raise InvalidInputError(msg)
+    norm = processing.parse_normalize(options.normalize) if options.normalize is not None else None
+    labels = processing.read_labels(options.labels) if options.labels is not None else None
+    if labels is not None and options.top_k is not None and options.top_k > len(labels):
+        n = len(labels)
+        msg = f"--top-k {options.top_k} is more than the {n} labels in {options.labels}; choose at most {n}"
+        raise InvalidInputError(msg)
+    return norm, labels
+
+
+def _normalized_plan(plan: calibration.DataPlan, pre: Preprocessing) -> calibration.DataPlan:
+    calib = processing.normalize(plan.calibration, pre) if plan.calibration is not None else None
+    valid = processing.normalize(plan.validation, pre)
+    mean, std = (":".join(f"{v:g}" for v in values) for values in (pre.mean, pre.std))
+    note = (
+        f"--normalize: calibration and validation data are raw; input {pre.input!r} is normalised as "
+        f"(x - {mean}) / {std} before the models (golden inputs are stored normalised)"
+    )
+    return calibration.DataPlan(calib, valid, [*plan.notes, note])
+
+
 def run(model: Path, profiles: list[Profile], options: Options, reporter: Reporter | None = None) -> Report:
     """Convert ``model`` for every profile. Bundles are written only for profiles within budget
     (or all with ``strict=False``); the caller turns ``report.budget_failures`` into an error."""
     reporter = reporter or Reporter()
     model = Path(model)
     out_dir = Path(options.output_dir)
+    norm, labels = _parse_processing(options)
     check_output_dir(out_dir)
     needing = [p.name for p in profiles if p.conversion.needs_calibration]
     reporter.start(len(profiles))
@@ -247,6 +292,7 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
         workdir = Path(tmp)
         reporter.step(None, f"loading {model}")
         source = load_source(model, workdir)
+        pre = processing.preprocessing(norm, source.inputs, options.normalize_input) if norm is not None else None
         samples = options.calibration_samples or max((p.conversion.calibration_samples for p in profiles), default=200)
         plan = calibration.plan(
             source.inputs,
@@ -258,8 +304,13 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
             image_range=options.image_range,
             needing="profile(s) " + ", ".join(needing),
         )
+        if pre is not None:
+            plan = _normalized_plan(plan, pre)
         reporter.step(None, "running the source model on the validation data")
         reference = source.predict(plan.validation.inputs)
+        post = None
+        if labels is not None and options.labels is not None:
+            post = processing.postprocessing(labels, options.top_k, reference, options.labels_output, options.labels)
         report = Report(
             source={
                 "path": str(model),
@@ -272,6 +323,8 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
                 "validation_samples": plan.validation.rows,
                 "validation_labels": plan.validation.labels is not None,
                 "calibration_data": plan.calibration.origin if plan.calibration else None,
+                "preprocessing": pre.model_dump() if pre is not None else None,
+                "postprocessing": post.model_dump() if post is not None else None,
             },
             data_notes=plan.notes,
             strict=options.strict,
@@ -280,7 +333,15 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
             profile_dir = workdir / profile.name
             profile_dir.mkdir()
             result, bundle = convert_profile(
-                source, profile, plan=plan, reference=reference, options=options, workdir=profile_dir, reporter=reporter
+                source,
+                profile,
+                plan=plan,
+                reference=reference,
+                options=options,
+                workdir=profile_dir,
+                reporter=reporter,
+                preprocessing=pre,
+                postprocessing=post,
             )
             if not (options.strict and result.failed_budgets):
                 reporter.step(profile.name, "writing the bundle")
