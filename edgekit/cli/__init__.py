@@ -7,42 +7,19 @@ traceback. `edgekit convert` comes from the edgekit-ml-converters distribution t
 
 from __future__ import annotations
 
-import os
 import sys
 from importlib.metadata import entry_points
-from typing import Any, NoReturn
+from typing import NoReturn
 
 import click
 
 from edgekit import __version__
-from edgekit.errors import EdgekitError, MissingDependencyError
+from edgekit.errors import MissingDependencyError
+from edgekit_runtime.cli import ErrorMappingGroup
 
 _PLUGIN_HINTS = {
     "convert": "edgekit-ml-converters",
 }
-
-
-class _Failure(click.ClickException):
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code  # type: ignore[misc]
-
-
-class EdgekitGroup(click.Group):
-    """A click group that turns edgekit's errors into one clear line and their exit codes."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except EdgekitError as e:
-            raise _Failure(e.message, e.exit_code) from e
-        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
-            raise
-        except Exception as e:
-            if os.environ.get("EDGEKIT_DEBUG"):
-                raise
-            msg = f"internal error: {type(e).__name__}: {e} (set EDGEKIT_DEBUG=1 for the traceback and report it)"
-            raise _Failure(msg, 70) from e
 
 
 def _missing(name: str, dist: str) -> click.Command:
@@ -56,7 +33,7 @@ def _missing(name: str, dist: str) -> click.Command:
     return stub
 
 
-@click.group(cls=EdgekitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorMappingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgekit")
 def cli() -> None:
     """edgekit: convert, serve, update and watch ML models on edge devices."""

@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -175,16 +176,49 @@ class Bundle:
         return path
 
 
-def _member(z: zipfile.ZipFile, name: str, path: Path) -> bytes:
+def _assemble(path: Path, read: Callable[[str], bytes | None], fix: str) -> Bundle:
+    """Check and assemble a bundle from its members, whatever holds them (a zip file or an installed
+    folder): manifest schema, model hash, golden samples. ``fix`` tells the user what to do."""
+
+    def member(name: str) -> bytes:
+        data = read(name)
+        if data is None:
+            msg = f"{path}: bundle has no {name}; {fix}"
+            raise BundleError(msg)
+        return data
+
+    raw = member(MANIFEST)
     try:
-        return z.read(name)
-    except KeyError:
-        msg = f"{path}: bundle has no {name}; re-create it with `edgekit convert`"
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = f"{path}: invalid manifest.json at {where!r}: {first['msg']}"
         raise BundleError(msg) from None
+    if manifest.schema_version > SCHEMA_VERSION:
+        msg = (
+            f"{path}: bundle schema {manifest.schema_version} is newer than this runtime's "
+            f"({SCHEMA_VERSION}); upgrade edgekit-ml-runtime"
+        )
+        raise BundleError(msg)
+    model = member(manifest.model_file)
+    if sha256_bytes(model) != manifest.model_sha256:
+        msg = f"{path}: model file hash does not match the manifest (corrupted or tampered); {fix}"
+        raise BundleError(msg)
+    golden_in: dict[str, np.ndarray] = {}
+    golden_out: dict[str, np.ndarray] = {}
+    if manifest.golden is not None:
+        try:
+            golden_in = _read_npz(member(manifest.golden.inputs))
+            golden_out = _read_npz(member(manifest.golden.outputs))
+        except (ValueError, OSError) as e:
+            msg = f"{path}: golden samples unreadable: {e}"
+            raise BundleError(msg) from e
+    return Bundle(manifest, model, golden_in, golden_out, read(SIGNATURE), raw)
 
 
 def read_bundle(path: str | Path) -> Bundle:
-    """Read and check a bundle: manifest schema, model hash, golden samples. BundleError if anything is off."""
+    """Read and check a bundle file: manifest schema, model hash, golden samples. BundleError if anything is off."""
     path = Path(path)
     if not path.exists():
         msg = f"{path}: no such bundle file"
@@ -195,32 +229,21 @@ def read_bundle(path: str | Path) -> Bundle:
         msg = f"{path}: not a bundle (expected a zip with manifest.json; {e}); create one with `edgekit convert`"
         raise BundleError(msg) from e
     with z:
-        raw = _member(z, MANIFEST, path)
+        names = set(z.namelist())
+        return _assemble(path, lambda name: z.read(name) if name in names else None, "re-create or re-download it")
+
+
+def read_bundle_dir(path: str | Path) -> Bundle:
+    """Read and check a bundle unpacked into a folder (an installed version in a model store)."""
+    path = Path(path)
+
+    def read(name: str) -> bytes | None:
         try:
-            manifest = Manifest.model_validate_json(raw)
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            msg = f"{path}: invalid manifest.json at {where!r}: {first['msg']}"
-            raise BundleError(msg) from None
-        if manifest.schema_version > SCHEMA_VERSION:
-            msg = (
-                f"{path}: bundle schema {manifest.schema_version} is newer than this runtime's "
-                f"({SCHEMA_VERSION}); upgrade edgekit-ml-runtime"
-            )
-            raise BundleError(msg)
-        model = _member(z, manifest.model_file, path)
-        if sha256_bytes(model) != manifest.model_sha256:
-            msg = f"{path}: model file hash does not match the manifest (corrupted or tampered); re-download the bundle"
-            raise BundleError(msg)
-        golden_in: dict[str, np.ndarray] = {}
-        golden_out: dict[str, np.ndarray] = {}
-        if manifest.golden is not None:
-            try:
-                golden_in = _read_npz(_member(z, manifest.golden.inputs, path))
-                golden_out = _read_npz(_member(z, manifest.golden.outputs, path))
-            except (ValueError, OSError) as e:
-                msg = f"{path}: golden samples unreadable: {e}"
-                raise BundleError(msg) from e
-        signature = z.read(SIGNATURE) if SIGNATURE in z.namelist() else None
-    return Bundle(manifest, model, golden_in, golden_out, signature, raw)
+            return (path / name).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            msg = f"{path}: {name} unreadable ({e.strerror})"
+            raise BundleError(msg) from e
+
+    return _assemble(path, read, "reinstall the bundle")

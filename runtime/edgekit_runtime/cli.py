@@ -20,7 +20,7 @@ from edgekit_runtime import __version__
 from edgekit_runtime.config import BatchingOverrides, Config, load_config
 from edgekit_runtime.errors import EdgekitError, InvalidInputError
 
-__all__ = ["COMMANDS", "main", "score", "serve"]
+__all__ = ["COMMANDS", "ErrorMappingGroup", "main", "score", "serve"]
 
 _LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
@@ -31,8 +31,9 @@ class _Failure(click.ClickException):
         self.exit_code = exit_code  # type: ignore[misc]
 
 
-class RuntimeGroup(click.Group):
-    """A click group that turns the runtime's errors into one clear line and their exit codes."""
+class ErrorMappingGroup(click.Group):
+    """A click group that turns edgekit's errors into one clear line and their exit codes, never a
+    traceback (the toolkit's `edgekit` command uses it too)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -207,7 +208,7 @@ def score(  # noqa: PLR0917 - click passes every option as an argument
 COMMANDS: list[click.Command] = [serve, score]
 
 
-@click.group(cls=RuntimeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorMappingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgekit-runtime")
 def cli() -> None:
     """edgekit-runtime: serve and score edgekit model bundles on a device."""

@@ -14,17 +14,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from edgekit_runtime.bundle import (
     MANIFEST,
     SIGNATURE,
     Bundle,
     Manifest,
     _npz_bytes,
-    _read_npz,
     read_bundle,
-    sha256_bytes,
+    read_bundle_dir,
 )
 from edgekit_runtime.errors import BundleError
 
@@ -69,40 +66,8 @@ def install_bundle(bundle_path: str | Path, store: str | Path) -> Path:
 
 
 def read_installed(path: str | Path) -> Bundle:
-    """Read an installed version directory back into a Bundle, checking the model hash."""
-    path = Path(path)
-    try:
-        raw = (path / MANIFEST).read_bytes()
-    except OSError as e:
-        msg = f"{path}: no readable {MANIFEST} ({e.strerror})"
-        raise BundleError(msg) from e
-    try:
-        manifest = Manifest.model_validate_json(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = f"{path}: invalid manifest.json at {where!r}: {first['msg']}"
-        raise BundleError(msg) from None
-    try:
-        model = (path / manifest.model_file).read_bytes()
-    except OSError as e:
-        msg = f"{path}: model file {manifest.model_file} unreadable ({e.strerror})"
-        raise BundleError(msg) from e
-    if sha256_bytes(model) != manifest.model_sha256:
-        msg = f"{path}: model file hash does not match the manifest (corrupted or tampered); reinstall the bundle"
-        raise BundleError(msg)
-    golden_in: dict = {}
-    golden_out: dict = {}
-    if manifest.golden is not None:
-        try:
-            golden_in = _read_npz((path / manifest.golden.inputs).read_bytes())
-            golden_out = _read_npz((path / manifest.golden.outputs).read_bytes())
-        except (OSError, ValueError) as e:
-            msg = f"{path}: golden samples unreadable: {e}"
-            raise BundleError(msg) from e
-    sig_path = path / SIGNATURE
-    signature = sig_path.read_bytes() if sig_path.exists() else None
-    return Bundle(manifest, model, golden_in, golden_out, signature, raw)
+    """Read an installed version directory back into a Bundle, with the same checks as a bundle file."""
+    return read_bundle_dir(path)
 
 
 @dataclass(frozen=True)
