@@ -6,9 +6,11 @@ runtime's hierarchy become one line on stderr and the error's exit code, never a
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -161,6 +163,7 @@ def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 @click.option("--num-batch-threads", type=click.IntRange(min=1), help="batch worker threads, one engine each")
 @click.option("--threads", type=click.IntRange(min=0), help="engine threads per worker (0 = engine default)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout (implies --quiet)")
 def score(  # noqa: PLR0917 - click passes every option as an argument
     bundle: Path,
     input_path: Path,
@@ -170,6 +173,7 @@ def score(  # noqa: PLR0917 - click passes every option as an argument
     num_batch_threads: int | None,
     threads: int | None,
     quiet: bool,
+    as_json: bool,
 ) -> None:
     """Score INPUT (.npy, .npz, .csv or a folder of images) with BUNDLE; write outputs to -o (.npy/.npz/.csv).
 
@@ -196,13 +200,27 @@ def score(  # noqa: PLR0917 - click passes every option as an argument
         model = rt.get(model_name)
         feeds, files = read_inputs(input_path, model)
         total = int(next(iter(feeds.values())).shape[0]) if feeds else 0
-        if quiet:
+        started = time.perf_counter()
+        if quiet or as_json:
             outputs = run_score(rt, model_name, feeds)
         else:
             with _progress(total, f"scoring {model_name} v{model.version}") as advance:
                 outputs = run_score(rt, model_name, feeds, progress=advance)
+        seconds = time.perf_counter() - started
     write_outputs(output, outputs, files)
-    click.echo(f"wrote {total} rows of {', '.join(outputs)} to {output}", err=True)
+    if as_json:
+        summary = {
+            "model": model_name,
+            "version": model.version,
+            "rows": total,
+            "seconds": round(seconds, 4),
+            "rows_per_s": round(total / seconds, 1) if seconds > 0 else None,
+            "outputs": {k: list(v.shape) for k, v in outputs.items()},
+            "output_file": str(output),
+        }
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"wrote {total} rows of {', '.join(outputs)} to {output} in {seconds:.2f} s", err=True)
 
 
 COMMANDS: list[click.Command] = [serve, score]

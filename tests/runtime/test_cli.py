@@ -127,3 +127,18 @@ def test_errors_are_one_line_with_exit_codes(bundles: dict[str, Path], tmp_path:
     r = CliRunner().invoke(cli, ["serve", str(bundles["mlp"]), "--config", str(cfg)])
     assert r.exit_code == 2
     assert "max_batch_sise" in r.output
+
+
+def test_score_json_summary(bundles: dict[str, Path], tmp_path: Path) -> None:
+    import json
+
+    src = tmp_path / "x.npy"
+    np.save(src, X)
+    r = CliRunner().invoke(cli, ["score", str(bundles["mlp"]), str(src), "-o", str(tmp_path / "y.npz"), "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert summary["model"] == "mlp"
+    assert summary["rows"] == len(X)
+    assert summary["outputs"] == {"output_0": [len(X), 3]}
+    assert summary["output_file"] == str(tmp_path / "y.npz")
+    assert np.load(tmp_path / "y.npz")["output_0"].shape == (len(X), 3)
