@@ -145,7 +145,7 @@ def settings(args: argparse.Namespace) -> str:
         [
             f"- host: {platform.machine()}, {os.cpu_count()} logical cores ({platform.processor() or 'cpu'}), "
             f"Python {platform.python_version()}; {libs}",
-            "- the cores are shared with other engineers' jobs: latency and conversion times are noisy",
+            "- a 2-core VM shared with other tenants: latency and conversion times are noisy",
             "- latency: host p50 at batch 1 with each profile's runtime settings (delegates / execution "
             "providers the host lacks fall back to the CPU), not the target device",
             f"- MobileNetV2: keras.applications, weights=None, 224x224x3; synthetic calibration "
