@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import InvalidInputError, NotFoundError
+from edgekit_runtime.bundle import Preprocessing
+from edgekit_runtime.images import read_image_folder
 from edgekit_runtime.tensors import TensorSpec
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IMAGE_RANGES: dict[str, tuple[float, float]] = {"0,1": (0.0, 1.0), "-1,1": (-1.0, 1.0), "0,255": (0.0, 255.0)}
 LABELS_KEY = "labels"
 SYNTHETIC_NOTE = "synthetic random data: accuracy numbers are NOT trustworthy; pass --calibration / --validation"
@@ -88,39 +89,24 @@ def check_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], what: 
     return out
 
 
-def _read_images(folder: Path, inputs: list[TensorSpec], image_range: str) -> dict[str, np.ndarray]:
+def _read_images(folder: Path, inputs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Raw pixel values 0-255 read exactly as the device's `score` reads them; scaling them to the
+    model's range is the bundle's preprocessing (see ``image_preprocessing``)."""
     if len(inputs) != 1 or len(inputs[0].shape) != 4:
         msg = f"an image folder needs a model with one image input [N, H, W, C]; this model has {inputs}"
         raise InvalidInputError(msg)
-    spec = inputs[0]
-    _, h, w, c = spec.shape
-    if h <= 0 or w <= 0 or c not in (1, 3):
-        msg = f"input {spec.name!r} has shape {spec.shape}; images need a fixed height, width and 1 or 3 channels"
-        raise InvalidInputError(msg)
-    try:
-        from PIL import Image
-    except ImportError as e:  # pragma: no cover - pillow is a dependency of the converters
-        msg = "reading an image folder needs pillow: pip install pillow"
-        raise InvalidInputError(msg) from e
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        msg = f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder"
-        raise InvalidInputError(msg)
+    images, _ = read_image_folder(folder, inputs[0])
+    return {inputs[0].name: images}
+
+
+def image_preprocessing(image_range: str, spec: TensorSpec) -> Preprocessing:
+    """The normalisation that maps pixel values 0-255 to ``image_range``: x' = (x - mean) / std."""
     lo, hi = IMAGE_RANGES[image_range]
-    images = []
-    for f in files:
-        try:
-            with Image.open(f) as opened:
-                resized = opened.convert("RGB" if c == 3 else "L").resize((w, h), Image.Resampling.BILINEAR)
-                arr = np.asarray(resized, dtype=np.float32).reshape(h, w, c)
-        except OSError as e:
-            msg = f"{f}: not a readable image ({e})"
-            raise InvalidInputError(msg) from e
-        images.append(lo + arr / 255.0 * (hi - lo))
-    return {spec.name: np.stack(images)}
+    std = 255.0 / (hi - lo)
+    return Preprocessing(input=spec.name, mean=[-lo * std], std=[std])
 
 
-def read_dataset(path: Path, inputs: list[TensorSpec], *, what: str, image_range: str = "0,1") -> Dataset:
+def read_dataset(path: Path, inputs: list[TensorSpec], *, what: str) -> Dataset:
     """A ``.npy`` (one input), ``.npz`` (arrays named like the inputs, optional ``labels``) or image folder."""
     path = Path(path)
     if not path.exists():
@@ -128,7 +114,7 @@ def read_dataset(path: Path, inputs: list[TensorSpec], *, what: str, image_range
         raise NotFoundError(msg)
     labels: np.ndarray | None = None
     if path.is_dir():
-        arrays = _read_images(path, inputs, image_range)
+        arrays = _read_images(path, inputs)
     elif path.suffix.lower() == ".npy":
         if len(inputs) != 1:
             names = ", ".join(s.name for s in inputs)
@@ -202,15 +188,14 @@ def plan(
     synthetic_calibration: bool,
     needs_calibration: bool,
     calibration_samples: int,
-    image_range: str = "0,1",
     validation_samples: int = 1000,
     needing: str = "",
 ) -> DataPlan:
     """Read the data files and decide the split: --validation, else a held-out 20 % of the calibration
     data, else synthetic (flagged). A mode that needs calibration and gets none is an error."""
     notes: list[str] = []
-    calib = read_dataset(calibration, inputs, what="calibration data", image_range=image_range) if calibration else None
-    valid = read_dataset(validation, inputs, what="validation data", image_range=image_range) if validation else None
+    calib = read_dataset(calibration, inputs, what="calibration data") if calibration else None
+    valid = read_dataset(validation, inputs, what="validation data") if validation else None
     if calib is None and needs_calibration and not synthetic_calibration:
         msg = (
             f"{needing or 'this profile'} needs calibration data: pass --calibration FILE "

@@ -111,7 +111,8 @@ class _RichReporter(Reporter):
     type=click.Choice(sorted(IMAGE_RANGES)),
     default="0,1",
     show_default=True,
-    help="value range images from a folder are scaled to",
+    help="value range the model expects images in; with an image folder (and no --normalize) the bundle "
+    "records the scaling as preprocessing, so clients send pixels 0-255",
 )
 @click.option(
     "--latency-seconds",

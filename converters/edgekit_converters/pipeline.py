@@ -293,6 +293,11 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
         reporter.step(None, f"loading {model}")
         source = load_source(model, workdir)
         pre = processing.preprocessing(norm, source.inputs, options.normalize_input) if norm is not None else None
+        images = any(p is not None and Path(p).is_dir() for p in (options.calibration, options.validation))
+        if pre is None and images and len(source.inputs) == 1 and options.image_range != "0,255":
+            # Images arrive as pixels 0-255 (from a folder here, from cameras and `score` on the
+            # device): the bundle scales them to the model's range itself, so both see the same.
+            pre = calibration.image_preprocessing(options.image_range, source.inputs[0])
         samples = options.calibration_samples or max((p.conversion.calibration_samples for p in profiles), default=200)
         plan = calibration.plan(
             source.inputs,
@@ -301,7 +306,6 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
             synthetic_calibration=options.synthetic_calibration,
             needs_calibration=bool(needing),
             calibration_samples=samples,
-            image_range=options.image_range,
             needing="profile(s) " + ", ".join(needing),
         )
         if pre is not None:

@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 
 from edgekit_runtime.batching import Outputs
-from edgekit_runtime.errors import InvalidInputError, MissingDependencyError, NotFoundError
+from edgekit_runtime.errors import InvalidInputError, NotFoundError
+from edgekit_runtime.images import read_image_folder
 from edgekit_runtime.model import LoadedModel
 from edgekit_runtime.runtime import Runtime
 from edgekit_runtime.tensors import TensorSpec
 
-__all__ = ["IMAGE_SUFFIXES", "read_inputs", "score", "write_outputs"]
+__all__ = ["read_inputs", "score", "write_outputs"]
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 def _single(model: LoadedModel, what: str) -> TensorSpec:
@@ -56,40 +56,6 @@ def _read_csv(path: Path, spec: TensorSpec) -> np.ndarray:
     return data.reshape(-1, *tail)
 
 
-def _read_images(folder: Path, spec: TensorSpec) -> tuple[np.ndarray, list[str]]:
-    try:
-        from PIL import Image
-    except ImportError as e:
-        msg = "scoring a folder of images needs Pillow: pip install 'edgekit-ml-runtime[images]'"
-        raise MissingDependencyError(msg) from e
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        msg = f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-        raise InvalidInputError(msg)
-    shape = spec.shape
-    if len(shape) != 4:
-        msg = f"input {spec.name!r} has shape {shape}; images need a 4-d input (NHWC or NCHW)"
-        raise InvalidInputError(msg)
-    channels_last = shape[3] in (1, 3) or shape[1] not in (1, 3)
-    h, w, c = (shape[1], shape[2], shape[3]) if channels_last else (shape[2], shape[3], shape[1])
-    if h < 1 or w < 1:
-        msg = f"input {spec.name!r} has a dynamic image size {shape}; cannot tell what size to resize to"
-        raise InvalidInputError(msg)
-    arrays = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                img = im.convert("L" if c == 1 else "RGB").resize((w, h))
-                a = np.asarray(img, dtype=np.float32)
-        except OSError as e:
-            msg = f"{p}: not a readable image ({e})"
-            raise InvalidInputError(msg) from None
-        if a.ndim == 2:
-            a = a[:, :, None]
-        arrays.append(a if channels_last else a.transpose(2, 0, 1))
-    return np.stack(arrays), [p.name for p in files]
-
-
 def read_inputs(path: str | Path, model: LoadedModel) -> tuple[dict[str, np.ndarray], list[str] | None]:
     """The model's inputs from a file or an image folder, and the file names (for images)."""
     path = Path(path)
@@ -97,7 +63,7 @@ def read_inputs(path: str | Path, model: LoadedModel) -> tuple[dict[str, np.ndar
         msg = f"{path}: no such input file or folder"
         raise NotFoundError(msg)
     if path.is_dir():
-        images, names = _read_images(path, _single(model, f"{path} (images)"))
+        images, names = read_image_folder(path, _single(model, f"{path} (images)"))
         return {model.inputs[0].name: images}, names
     suffix = path.suffix.lower()
     try:

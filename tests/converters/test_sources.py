@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from click.testing import Result
+from click.testing import CliRunner, Result
 
 from edgekit.profiles import load_profile
 from edgekit_converters.pipeline import Options, run
@@ -149,6 +149,18 @@ def test_image_folder_calibration(cli_invoke: Invoke, work: Path, digits: Any, t
     assert m["cosine_similarity"] > 0.98
     manifest = read_bundle(by["raspberrypi"]["bundle"]).manifest
     assert manifest.calibration == {"data": str(images), "samples": 24, "synthetic": False, "trustworthy": True}
+    # Images are read as pixels 0-255 (as the device's `score` reads them); the default
+    # --image-range 0,1 becomes the bundle's preprocessing, so the device scales them the same way.
+    assert manifest.preprocessing is not None
+    assert (manifest.preprocessing.mean, manifest.preprocessing.std) == ([0.0], [255.0])
+    from edgekit.cli import cli
+
+    out = tmp_path / "scores.npz"
+    scored = CliRunner().invoke(cli, ["score", str(by["raspberrypi"]["bundle"]), str(images), "-o", str(out), "-q"])
+    assert scored.exit_code == 0, scored.output
+    with np.load(out) as z:
+        predicted = np.argmax(next(v for k, v in z.items() if k != "filenames"), axis=1)
+    assert np.mean(predicted == y_train[:30]) >= 0.7
 
 
 def test_image_folder_for_a_model_without_image_input(cli_invoke: Invoke, digits_model: Path, tmp_path: Path) -> None:
