@@ -177,7 +177,9 @@ class Batcher:
         return self._capacity if self._merge else 1 << 62
 
     def submit_async(self, feeds: Feeds, rows: int) -> asyncio.Future[Outputs]:
-        """Enqueue from a running event loop; await the returned future for this request's rows."""
+        """Enqueue from a running event loop; await the returned future for this request's rows.
+
+        ``feeds`` must already have the model's input names, dtypes and shapes (LoadedModel.prepare)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outputs] = loop.create_future()
         self._enqueue(_Task(feeds, rows, fut, loop))
@@ -278,7 +280,7 @@ class Batcher:
             padded = self._pad_to(rows)
             if padded > rows:
                 feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded - rows, axis=0)]) for k, v in feeds.items()}
-            out = backend.run(feeds)
+            out = backend.run_prepared(feeds)  # each request was checked and coerced on submit
             for k, v in out.items():
                 if v.ndim == 0 or v.shape[0] != padded:
                     msg = (

@@ -70,7 +70,11 @@ class Backend(abc.ABC):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Check, coerce and run a batch. Models exported with a fixed batch run chunk by chunk."""
-        prepared = self.prepare(feeds)
+        return self.run_prepared(self.prepare(feeds))
+
+    def run_prepared(self, prepared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a batch that ``prepare`` (or an equivalent per-request check, as the server's) already
+        checked and coerced; the batcher calls this so each batch is not validated a second time."""
         fixed = self.fixed_batch
         rows = next(iter(prepared.values())).shape[0]
         if fixed is None or rows == fixed:
