@@ -404,6 +404,45 @@ def serving(ctx: Context, bundles: list[Path], batching: BatchConfig, label: str
         yield s
 
 
+def mlserver_row(
+    ctx: Context,
+    scenario: int,
+    spec: ModelSpec,
+    onnx_model: Path,
+    name: str,
+    payload: Payload,
+    expected: np.ndarray,
+    concurrency: int,
+) -> Row | None:
+    """MLServer with adaptive batching (max 32, 2 ms) serving ``onnx_model`` under the same load; None when absent."""
+    if not mlserver_available(ctx, scenario):
+        return None
+    assert ctx.mlserver_venv is not None
+    with mlserver(
+        ctx.mlserver_venv,
+        onnx_model,
+        name,
+        max_batch_size=32,
+        max_batch_time_s=0.002,
+        threads=ctx.threads,
+        work_dir=ctx.work_dir / "mlserver",
+        log_dir=ctx.log_dir,
+        label=f"s{scenario}",
+    ) as srv:
+        return load_row(
+            ctx,
+            srv,
+            payload,
+            expected,
+            scenario=scenario,
+            who=f"MLServer {ctx.mlserver_version}",
+            spec=spec,
+            fmt="onnx",
+            concurrency=concurrency,
+            batching="adaptive: max 32, 2 ms; 1 worker process",
+        )
+
+
 def mlserver_available(ctx: Context, scenario: int) -> bool:
     if ctx.mlserver_venv is None:
         note = f"scenario {scenario}: MLServer comparison skipped: " + (
@@ -623,32 +662,7 @@ def scenario_3(ctx: Context) -> None:
     cfg = BatchConfig(
         max_batch_size=32, batch_timeout_micros=2000, max_enqueued_batches=16, allowed_batch_sizes=powers_of_two(32)
     )
-    ml: Row | None = None
-    if mlserver_available(ctx, 3):
-        assert ctx.mlserver_venv is not None
-        with mlserver(
-            ctx.mlserver_venv,
-            d / "model.onnx",
-            name_o,
-            max_batch_size=32,
-            max_batch_time_s=0.002,
-            threads=ctx.threads,
-            work_dir=ctx.work_dir / "mlserver",
-            log_dir=ctx.log_dir,
-            label="s3",
-        ) as srv:
-            ml = load_row(
-                ctx,
-                srv,
-                v2_json(name_o, "x", x64, "output_0"),
-                exp_o,
-                scenario=3,
-                who=f"MLServer {ctx.mlserver_version}",
-                spec=spec,
-                fmt="onnx",
-                concurrency=conc,
-                batching="adaptive: max 32, 2 ms; 1 worker process",
-            )
+    ml = mlserver_row(ctx, 3, spec, d / "model.onnx", name_o, v2_json(name_o, "x", x64, "output_0"), exp_o, conc)
     ours: list[Row] = []
     with serving(ctx, [tfl], cfg, "s3-c64-tflite") as srv:
         for p in (v2_json(name_t, "x", x64, "output_0"), tf_rest_json(name_t, x64, "output_0")):
@@ -704,32 +718,9 @@ def scenario_4(ctx: Context) -> None:
     exp_t = raw_expected("tflite", d, x32, ctx.threads)
     exp_o = raw_expected("onnx", d, x32, ctx.threads)
     cfg = mobilenet_batching()
-    ml: Row | None = None
-    if mlserver_available(ctx, 4):
-        assert ctx.mlserver_venv is not None
-        with mlserver(
-            ctx.mlserver_venv,
-            d / "model.onnx",
-            name_o,
-            max_batch_size=32,
-            max_batch_time_s=0.002,
-            threads=ctx.threads,
-            work_dir=ctx.work_dir / "mlserver",
-            log_dir=ctx.log_dir,
-            label="s4",
-        ) as srv:
-            ml = load_row(
-                ctx,
-                srv,
-                v2_json(name_o, in_name_o, x64, "output_0"),
-                exp_o,
-                scenario=4,
-                who=f"MLServer {ctx.mlserver_version}",
-                spec=spec,
-                fmt="onnx",
-                concurrency=conc,
-                batching="adaptive: max 32, 2 ms; 1 worker process",
-            )
+    ml = mlserver_row(
+        ctx, 4, spec, d / "model.onnx", name_o, v2_json(name_o, in_name_o, x64, "output_0"), exp_o, conc
+    )
     json_rows: list[Row] = []
     with serving(ctx, [tfl], cfg, "s4-tflite") as srv:
         for p in (v2_json(name_t, in_name, x64, "output_0"), tf_rest_json(name_t, x64, "output_0")):
