@@ -88,6 +88,14 @@ def _logging(level: str) -> None:
     "--poll-seconds", type=click.FloatRange(min=0), help="watch sources for new versions; 0 = off  [default: 2]"
 )
 @click.option("--log-level", type=click.Choice(_LOG_LEVELS, case_sensitive=False), default=None, help="[default: info]")
+@click.option(
+    "--http",
+    "http_server",
+    type=click.Choice(["native", "uvicorn"]),
+    default="native",
+    show_default=True,
+    help="HTTP server: edgekit's own HTTP/1.1 protocol on httptools, or uvicorn (ASGI; slower, for comparison)",
+)
 def serve(  # noqa: PLR0917 - click passes every option as an argument
     sources: tuple[Path, ...],
     host: str | None,
@@ -103,6 +111,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     max_body_mb: float | None,
     poll_seconds: float | None,
     log_level: str | None,
+    http_server: str,
 ) -> None:
     """Serve model bundles over HTTP (TF Serving REST and Open Inference Protocol v2) with batching.
 
@@ -136,6 +145,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         max_body_bytes=int((max_body_mb or srv.max_body_mb) * (1 << 20)),
         poll_seconds=srv.poll_seconds if poll_seconds is None else poll_seconds,
         log_level=level,
+        http=http_server,
     )
 
 

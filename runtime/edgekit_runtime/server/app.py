@@ -27,28 +27,23 @@ from edgekit_runtime.server.errors import (
 )
 from edgekit_runtime.server.openapi import openapi
 
-__all__ = ["App", "create_app"]
+__all__ = ["App", "BodyReader", "ClientGoneError", "HeaderLookup", "create_app", "too_large"]
 
 log = logging.getLogger("edgekit_runtime.server")
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+HeaderLookup = Callable[[bytes], "bytes | None"]
+BodyReader = Callable[[], Awaitable[bytes]]
 
 
-class _ClientGoneError(Exception):
-    pass
+class ClientGoneError(Exception):
+    """The client closed the connection before its request body arrived: nobody to answer."""
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for k, v in scope["headers"]:
-        if k == name:
-            return bytes(v)
-    return None
-
-
-def _int_header(scope: Scope, name: bytes) -> int | None:
-    raw = _header(scope, name)
+def _int_header(header: HeaderLookup, name: bytes) -> int | None:
+    raw = header(name)
     if raw is None:
         return None
     try:
@@ -95,71 +90,95 @@ class App:
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
+    def startup(self) -> None:
+        if self._on_startup is not None:
+            self._on_startup()
+
+    def shutdown(self) -> None:
+        if self._on_shutdown is not None:
+            self._on_shutdown()
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    if self._on_startup is not None:
-                        self._on_startup()
+                    self.startup()
                 except Exception as e:  # noqa: BLE001 - reported to uvicorn, which exits
                     await send({"type": "lifespan.startup.failed", "message": str(e)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._on_shutdown is not None:
-                    self._on_shutdown()
+                self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = scope["headers"]
+
+        def header(name: bytes) -> bytes | None:
+            for k, v in headers:
+                if k == name:
+                    return bytes(v)
+            return None
+
+        async def body() -> bytes:
+            return await self._body(header, receive)
+
         try:
-            reply = await self._route(scope, receive)
-        except _ClientGoneError:
+            reply = await self.dispatch(scope["method"], scope["path"], header, body)
+        except ClientGoneError:
             return
-        except Exception as e:  # noqa: BLE001 - every failure becomes a reply, mapped in one place
-            reply = error_reply(e)
-        headers = [(b"content-type", reply.content_type), (b"content-length", str(len(reply.body)).encode())]
+        out = [(b"content-type", reply.content_type), (b"content-length", str(len(reply.body)).encode())]
         if reply.headers:
-            headers += reply.headers
-        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+            out += reply.headers
+        await send({"type": "http.response.start", "status": reply.status, "headers": out})
         await send({"type": "http.response.body", "body": reply.body})
 
-    async def _body(self, scope: Scope, receive: Receive) -> bytes:
+    async def dispatch(self, method: str, path: str, header: HeaderLookup, body: BodyReader) -> Reply:
+        """The transport-free request handler both servers call: any failure becomes an error reply.
+
+        ``header(name)`` looks up a lower-case header; ``body()`` reads the whole body (within the limit)."""
+        try:
+            return await self._route(method, path, header, body)
+        except ClientGoneError:
+            raise
+        except Exception as e:  # noqa: BLE001 - every failure becomes a reply, mapped in one place
+            return error_reply(e)
+
+    async def _body(self, header: HeaderLookup, receive: Receive) -> bytes:
         limit = self.max_body_bytes
-        length = _int_header(scope, b"content-length")
+        length = _int_header(header, b"content-length")
         if length is not None and length > limit:
-            raise PayloadTooLargeError(_too_large(length, limit))
+            raise PayloadTooLargeError(too_large(length, limit))
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientGoneError
+            raise ClientGoneError
         body: bytes = message.get("body", b"")
         if not message.get("more_body"):
             if len(body) > limit:
-                raise PayloadTooLargeError(_too_large(len(body), limit))
+                raise PayloadTooLargeError(too_large(len(body), limit))
             return body
         chunks = [body]
         size = len(body)
         while message.get("more_body"):
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise _ClientGoneError
+                raise ClientGoneError
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise PayloadTooLargeError(_too_large(size, limit))
+                raise PayloadTooLargeError(too_large(size, limit))
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _route(self, scope: Scope, receive: Receive) -> Reply:
-        path: str = scope["path"]
-        method: str = scope["method"]
+    async def _route(self, method: str, path: str, header: HeaderLookup, body: BodyReader) -> Reply:
         if len(path) > 1 and path.endswith("/"):
             path = path[:-1]
         if path.startswith("/v1/models/"):
-            return await self._v1(method, path, scope, receive)
+            return await self._v1(method, path, body)
         if path.startswith("/v2/models/"):
-            return await self._v2_model(method, path, scope, receive)
+            return await self._v2_model(method, path, header, body)
         dp = self.dp
         if path == "/v2/health/live":
             _method(method, "GET")
@@ -187,7 +206,7 @@ class App:
                 return await v2.load(dp, name)
         raise _not_found(path)
 
-    async def _v1(self, method: str, path: str, scope: Scope, receive: Receive) -> Reply:
+    async def _v1(self, method: str, path: str, body: BodyReader) -> Reply:
         rest = path[len("/v1/models/") :]
         verb = None
         last_slash = rest.rfind("/")
@@ -201,7 +220,7 @@ class App:
                 raise _not_found(path)
             _method(method, "POST")
             if verb == "predict":
-                return await v1.predict(dp, name, version, await self._body(scope, receive))
+                return await v1.predict(dp, name, version, await body())
             if verb == "reload" and version is None:
                 return await v1.reload(dp, name)
             if verb in ("classify", "regress"):
@@ -216,13 +235,13 @@ class App:
             return v1.metadata(dp, name, version)
         raise _not_found(path)
 
-    async def _v2_model(self, method: str, path: str, scope: Scope, receive: Receive) -> Reply:
+    async def _v2_model(self, method: str, path: str, header: HeaderLookup, body: BodyReader) -> Reply:
         name, version, tail = _split_model_path(path[len("/v2/models/") :], path)
         dp = self.dp
         if tail == "infer":
             _method(method, "POST")
-            header_length = _int_header(scope, v2.HEADER_LENGTH)
-            return await v2.infer(dp, name, version, await self._body(scope, receive), header_length)
+            header_length = _int_header(header, v2.HEADER_LENGTH)
+            return await v2.infer(dp, name, version, await body(), header_length)
         if not tail:
             _method(method, "GET")
             return v2.model_metadata(dp, name, version)
@@ -247,7 +266,7 @@ def _split_model_path(rest: str, path: str) -> tuple[str, str | None, str]:
     return name, version, tail
 
 
-def _too_large(size: int, limit: int) -> str:
+def too_large(size: int, limit: int) -> str:
     return f"request body of {size} bytes is over the limit of {limit} bytes; raise it with --max-body-mb"
 
 

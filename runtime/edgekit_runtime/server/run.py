@@ -1,4 +1,5 @@
-"""Run the app with uvicorn (uvloop + httptools when installed) on a socket bound up front.
+"""Run the app on a socket bound up front: the native HTTP/1.1 server (``server/http11.py``) on uvloop
+by default, or uvicorn (``http="uvicorn"``, kept for comparison and for ASGI tooling).
 
 The socket is bound before any model loads, so a busy port fails at once with a clear message,
 and ``/v2/health/live`` answers while the models are still loading (``/v2/health/ready`` turns 200
@@ -7,20 +8,25 @@ once every initially given model serves).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import importlib.util
 import logging
+import signal
 import socket
 import sys
 import threading
-
-import uvicorn
+from typing import Any
 
 from edgekit_runtime.errors import UnavailableError
 from edgekit_runtime.runtime import Runtime
-from edgekit_runtime.server.app import create_app
+from edgekit_runtime.server.app import App, create_app
+from edgekit_runtime.server.http11 import HttpServer
 
-__all__ = ["bind", "serve"]
+__all__ = ["HTTP_SERVERS", "bind", "serve"]
+
+HTTP_SERVERS = ("native", "uvicorn")
 
 log = logging.getLogger("edgekit_runtime.server")
 
@@ -52,8 +58,12 @@ def serve(
     max_body_bytes: int = 64 << 20,
     poll_seconds: float = 2.0,
     log_level: str = "info",
+    http: str = "native",
 ) -> None:
-    """Serve until interrupted: bind, start uvicorn, load models in the background, close on exit."""
+    """Serve until interrupted: bind, start the HTTP server, load models in the background, close on exit."""
+    if http not in HTTP_SERVERS:
+        msg = f"unknown HTTP server {http!r}; choose one of {', '.join(HTTP_SERVERS)}"
+        raise ValueError(msg)
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
     loader = threading.Thread(
@@ -65,6 +75,49 @@ def serve(
         runtime.close()
 
     app = create_app(runtime, max_body_bytes=max_body_bytes, on_startup=loader.start, on_shutdown=on_shutdown)
+    # The batch workers and the event loop share the GIL: hand it over faster than the 5 ms
+    # default so a worker whose engine call just returned does not wait for the loop's time slice.
+    sys.setswitchinterval(0.001)
+    log.warning("edgekit-runtime serving on http://%s:%d (%s HTTP server)", host, bound_port, http)
+    try:
+        if http == "uvicorn":
+            _run_uvicorn(app, sock, log_level)
+        else:
+            _run(_serve_native(app, sock))
+    finally:
+        sock.close()
+
+
+def _run(main: Any) -> None:
+    if importlib.util.find_spec("uvloop"):
+        import uvloop
+
+        uvloop.run(main)
+    else:
+        asyncio.run(main)
+
+
+async def _serve_native(app: App, sock: socket.socket) -> None:
+    """Start the models' loader, serve until SIGINT/SIGTERM, finish in-flight requests, close."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows / not main thread
+            loop.add_signal_handler(sig, stop.set)
+    server = HttpServer(app)
+    app.startup()
+    try:
+        await server.start(sock)
+        await stop.wait()
+        log.warning("edgekit-runtime stopping: finishing requests in flight")
+    finally:
+        await server.stop()
+        await asyncio.to_thread(app.shutdown)
+
+
+def _run_uvicorn(app: App, sock: socket.socket, log_level: str) -> None:
+    import uvicorn
+
     config = uvicorn.Config(
         app,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
@@ -75,12 +128,4 @@ def serve(
         backlog=2048,
         timeout_keep_alive=30,
     )
-    server = uvicorn.Server(config)
-    # The batch workers and the event loop share the GIL: hand it over faster than the 5 ms
-    # default so a worker whose engine call just returned does not wait for the loop's time slice.
-    sys.setswitchinterval(0.001)
-    log.warning("edgekit-runtime serving on http://%s:%d", host, bound_port)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+    uvicorn.Server(config).run(sockets=[sock])
