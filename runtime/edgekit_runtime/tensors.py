@@ -30,15 +30,23 @@ _V2_TO_NP: dict[str, str] = {v: k for k, v in _NP_TO_V2.items() if k != "bytes"}
 DTYPES: frozenset[str] = frozenset(_NP_TO_V2) - {"bytes"}
 
 
-def v2_datatype(dtype: str) -> str:
-    """The Open Inference Protocol datatype name of a numpy dtype name."""
-    return _NP_TO_V2[dtype]
+# Looked up on every request: numpy's dtype.name and np.dtype(str) are slow next to a dict hit.
+_V2_DTYPES: dict[str, np.dtype[Any]] = {v: np.dtype(k) for v, k in _V2_TO_NP.items()}
+_DTYPE_V2: dict[np.dtype[Any], str] = {np.dtype(k): v for k, v in _NP_TO_V2.items() if k != "bytes"}
+
+
+def v2_datatype(dtype: str | np.dtype[Any]) -> str:
+    """The Open Inference Protocol datatype name of a numpy dtype (or its name)."""
+    if isinstance(dtype, str):
+        return _NP_TO_V2[dtype]
+    found = _DTYPE_V2.get(dtype)
+    return found if found is not None else _NP_TO_V2[dtype.name]
 
 
 def numpy_dtype(v2: str) -> np.dtype[Any]:
     """The numpy dtype of an Open Inference Protocol datatype name; InvalidInputError if unknown."""
     try:
-        return np.dtype(_V2_TO_NP[v2.upper()])
+        return _V2_DTYPES[v2] if v2 in _V2_DTYPES else _V2_DTYPES[v2.upper()]
     except KeyError:
         known = ", ".join(sorted(_V2_TO_NP))
         msg = f"unknown datatype {v2!r}; use one of {known}"

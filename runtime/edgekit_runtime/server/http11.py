@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import unquote
 
 import httptools
@@ -47,6 +47,14 @@ def _status_line(status: int) -> bytes:
 
 
 _STATUS_LINES = {s: _status_line(s) for s in _PHRASES}
+
+
+class _Mode(NamedTuple):
+    """How one reply is framed: keep the connection, a HEAD request (no body), an HTTP/1.0 client."""
+
+    keep_alive: bool
+    head: bool
+    http10: bool
 
 
 class _Clock:
@@ -128,7 +136,8 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.pending: deque[asyncio.Task[Reply]] = deque()
-        self.keep_alive_flags: deque[bool] = deque()
+        self.reply_modes: deque[_Mode] = deque()  # one per pending task: how its reply is framed
+        self.continue_owed = False  # a 100 Continue to send once the replies before it are out
         self.closing = False  # no more requests are read; close once the pending ones are answered
         self.reading_paused = False
         self.writing_paused = False
@@ -169,9 +178,11 @@ class _Connection(asyncio.Protocol):
             # An upgrade (h2c, websocket) we do not speak: the request was answered as plain
             # HTTP/1.1; what follows on the wire is another protocol, so stop reading.
             self.closing = True
+            if self.reply_modes:
+                self.reply_modes[-1] = self.reply_modes[-1]._replace(keep_alive=False)
             self._flush()
         except httptools.HttpParserError as e:
-            if not self.refused:
+            if not self.refused and not self.closing:  # data after `Connection: close` is ignored
                 self._refuse(400, f"malformed HTTP request: {e}")
 
     def pause_writing(self) -> None:
@@ -201,8 +212,12 @@ class _Connection(asyncio.Protocol):
         if raw is not None and raw.isdigit() and int(raw) > self.server.max_body:
             self._refuse(413, too_large(int(raw), self.server.max_body))
             return
-        if self.headers.get(b"expect", b"").lower() == b"100-continue" and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.headers.get(b"expect", b"").lower() == b"100-continue" and self.parser.get_http_version() != "1.0":
+            # Not to HTTP/1.0 clients (RFC 9110 §10.1.1), and never ahead of earlier pipelined replies.
+            if self.pending:
+                self.continue_owed = True
+            elif self.transport is not None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, chunk: bytes) -> None:
         if self.refused:
@@ -231,7 +246,8 @@ class _Connection(asyncio.Protocol):
             self.app.dispatch(method, path or "/", headers.get, _constant(body))
         )
         self.pending.append(task)
-        self.keep_alive_flags.append(keep_alive)
+        self.reply_modes.append(_Mode(keep_alive, method == "HEAD", self.parser.get_http_version() == "1.0"))
+        self.continue_owed = False  # the body came without it
         if not keep_alive:
             self.closing = True
         task.add_done_callback(self._task_done)
@@ -247,7 +263,7 @@ class _Connection(asyncio.Protocol):
         pending = self.pending
         while pending and pending[0].done():
             task = pending.popleft()
-            keep_alive = self.keep_alive_flags.popleft()
+            mode = self.reply_modes.popleft()
             if task.cancelled():
                 continue
             exc = task.exception()
@@ -255,14 +271,18 @@ class _Connection(asyncio.Protocol):
                 continue
             if exc is not None:  # dispatch maps every error; this is a last resort, never a crash
                 log.error("request handler failed", exc_info=exc)
-                self._write(Reply(500, orjson.dumps({"error": f"internal error: {exc}"})), keep_alive=False)
+                reply = Reply(500, orjson.dumps({"error": f"internal error: {exc}"}))
+                self._write(reply, mode._replace(keep_alive=False))
                 continue
-            self._write(task.result(), keep_alive=keep_alive)
+            self._write(task.result(), mode)
+        if not pending and self.continue_owed and self.transport is not None:
+            self.continue_owed = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.closing and not pending and self.transport is not None:
             self.transport.close()
         self._update_reading()
 
-    def _write(self, reply: Reply, *, keep_alive: bool) -> None:
+    def _write(self, reply: Reply, mode: _Mode) -> None:
         transport = self.transport
         if transport is None or transport.is_closing():
             return
@@ -281,10 +301,14 @@ class _Connection(asyncio.Protocol):
         if reply.headers:
             for k, v in reply.headers:
                 head += [k, b": ", v, b"\r\n"]
-        if not keep_alive:
+        if not mode.keep_alive:
             head.append(b"connection: close\r\n")
+        elif mode.http10:
+            head.append(b"connection: keep-alive\r\n")
         head.append(b"\r\n")
-        if len(body) >= _BIG_BODY:
+        if mode.head:
+            transport.write(b"".join(head))  # a reply to HEAD has no body, only its length
+        elif len(body) >= _BIG_BODY:
             transport.writelines([b"".join(head), body])
         else:
             head.append(body)
@@ -298,7 +322,7 @@ class _Connection(asyncio.Protocol):
         reply = Reply(status, orjson.dumps({"error": message}), JSON)
         task = asyncio.get_running_loop().create_task(_done(reply))
         self.pending.append(task)
-        self.keep_alive_flags.append(False)
+        self.reply_modes.append(_Mode(keep_alive=False, head=False, http10=False))
         task.add_done_callback(self._task_done)
 
     def _update_reading(self) -> None:

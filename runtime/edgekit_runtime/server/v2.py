@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import sys
 from math import prod
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = ["HEADER_LENGTH", "infer", "model_metadata", "model_ready"]
 HEADER_LENGTH = b"inference-header-content-length"
 _OCTET = b"application/octet-stream"
 _TENSOR_KEYS = frozenset({"data"})
+_LITTLE = sys.byteorder == "little"
 _PLATFORM = {"tflite": "tensorflow_lite", "onnx": "onnxruntime_onnx"}
 
 
@@ -119,7 +121,7 @@ def _decode_input(inp: Any, binary: memoryview, offset: int, lm: LoadedModel) ->
             if size != count * dt.itemsize:
                 msg = f"input {name!r}: shape {shape} of {datatype} needs {count * dt.itemsize} bytes, got {size}"
                 raise InvalidInputError(msg)
-            arr = np.frombuffer(chunk, dtype=dt.newbyteorder("<"))
+            arr = np.frombuffer(chunk, dtype=dt if _LITTLE else dt.newbyteorder("<"))
     else:
         if "data" not in inp:
             msg = f"input {name!r} has no 'data' (and no parameters.binary_data_size)"
@@ -177,6 +179,8 @@ def _raw(arr: np.ndarray) -> bytes:
             parts.append(struct.pack("<I", len(b)))
             parts.append(b)
         return b"".join(parts)
+    if _LITTLE and arr.dtype.isnative:
+        return arr.tobytes()  # C order, native = little-endian
     return np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<")).tobytes()
 
 
@@ -210,7 +214,7 @@ def encode(
     chunks = []
     for name, binary in selection:
         arr = outputs[name]
-        item: dict[str, Any] = {"name": name, "datatype": v2_datatype(arr.dtype.name), "shape": list(arr.shape)}
+        item: dict[str, Any] = {"name": name, "datatype": v2_datatype(arr.dtype), "shape": list(arr.shape)}
         if binary:
             raw = _raw(arr)
             item["parameters"] = {"binary_data_size": len(raw)}
