@@ -34,12 +34,14 @@ class BatchConfig:
     max_enqueued_batches: int = 16
     num_batch_threads: int = 1
     allowed_batch_sizes: tuple[int, ...] = ()
+    http: str = "native"  # edgekit's HTTP server: "native" (default) or "uvicorn" (for comparison)
 
     def flags(self) -> list[str]:
         if not self.enabled:
             # Off, the queue bound counts requests: make it the concurrency so none is refused (503).
-            return ["--no-batching", f"--max-enqueued-batches={self.max_enqueued_batches}"]
+            return ["--no-batching", f"--max-enqueued-batches={self.max_enqueued_batches}", f"--http={self.http}"]
         out = [
+            f"--http={self.http}",
             f"--max-batch-size={self.max_batch_size}",
             f"--batch-timeout-micros={self.batch_timeout_micros}",
             f"--max-enqueued-batches={self.max_enqueued_batches}",
@@ -50,12 +52,13 @@ class BatchConfig:
         return out
 
     def describe(self) -> str:
+        http = "" if self.http == "native" else f"; HTTP: {self.http}"
         if not self.enabled:
-            return f"off (queue {self.max_enqueued_batches} requests)"
+            return f"off (queue {self.max_enqueued_batches} requests){http}"
         allowed = ",".join(str(n) for n in self.allowed_batch_sizes) or "any"
         return (
             f"max {self.max_batch_size}, timeout {self.batch_timeout_micros} µs, sizes {allowed}, "
-            f"queue {self.max_enqueued_batches}, {self.num_batch_threads} batch thr"
+            f"queue {self.max_enqueued_batches}, {self.num_batch_threads} batch thr{http}"
         )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -459,10 +460,14 @@ def mlserver_available(ctx: Context, scenario: int) -> bool:
 
 
 def scenario_1(ctx: Context) -> None:
-    """Weight-bound MLP at concurrency 64: batching on ≥10x off and ≥70% of the raw engine's best batch."""
+    """Weight-bound MLP at concurrency 64: batching on ≥10x off and ≥70% of the raw engine's best batch.
+
+    The raw engine is swept before and after the server rows and the better sweep is the yardstick
+    (the VM's speed drifts by 10-20 % between minutes; the higher figure is the harder target)."""
     spec, d = ctx.model("mlp-big")
     conc = 64
-    sweep = raw_sweep(ctx, spec, d, "tflite", (1, 2, 4, 8, 16, 32, 64, 128))
+    sizes = (1, 2, 4, 8, 16, 32, 64, 128)
+    sweep = raw_sweep(ctx, spec, d, "tflite", sizes)
     raw = raw_row(ctx, 1, spec, "tflite", sweep)
     bundle = ctx.bundle(spec, d, "tflite")
     x64, x32 = sample_input(spec)
@@ -484,26 +489,40 @@ def scenario_1(ctx: Context) -> None:
             batching=off.describe(),
         )
     base.target = "baseline for the 10x target"
-    timeouts = (1000,) if ctx.smoke else (0, 1000, 2000, 5000)
-    configs = [
-        BatchConfig(
-            max_batch_size=64, batch_timeout_micros=t, max_enqueued_batches=16, allowed_batch_sizes=powers_of_two(64)
-        )
-        for t in timeouts
-    ]
+    # One batch size only: every LiteRT interpreter packs its own copy of the weights, so for a
+    # weight-bound model one hot interpreter beats several cold ones (see docs/serving.md). Max 32
+    # at concurrency 64 keeps two batches in flight: one runs while the other fills.
+    tuned = BatchConfig(
+        max_batch_size=32, batch_timeout_micros=2000, max_enqueued_batches=16, allowed_batch_sizes=(32,)
+    )
+    configs: list[tuple[BatchConfig, list[Payload]]] = [(tuned, [binary, tf_rest_json(name, x64, "output_0")])]
     if not ctx.smoke:
-        # One batch size only: every LiteRT interpreter packs its own copy of the weights, so for a
-        # weight-bound model one hot interpreter beats several cold ones (see docs/serving.md).
         configs += [
-            BatchConfig(max_batch_size=m, batch_timeout_micros=t, max_enqueued_batches=16, allowed_batch_sizes=(m,))
-            for m, t in ((32, 0), (32, 2000))
+            # TF Serving's usual shape: max = concurrency, every power of two allowed.
+            *[
+                (
+                    BatchConfig(
+                        max_batch_size=64,
+                        batch_timeout_micros=t,
+                        max_enqueued_batches=16,
+                        allowed_batch_sizes=powers_of_two(64),
+                    ),
+                    [binary],
+                )
+                for t in (0, 1000)
+            ],
+            (dataclasses.replace(tuned, batch_timeout_micros=0), [binary]),
+            (dataclasses.replace(tuned, max_batch_size=16, allowed_batch_sizes=(16,)), [binary]),
+            # Two workers with a one-thread engine each, instead of one worker with two engine threads.
+            (dataclasses.replace(tuned, num_batch_threads=2), [binary]),
+            # The same tuned batching behind uvicorn instead of the native HTTP server.
+            (dataclasses.replace(tuned, http="uvicorn"), [binary]),
         ]
-    for on in configs:
-        t = on.batch_timeout_micros
-        with serving(ctx, [bundle], on, f"s1-on-{on.max_batch_size}-{len(on.allowed_batch_sizes)}-{t}") as srv:
-            payloads = [binary]
-            if t == 1000 and on.max_batch_size == 64 and not ctx.smoke:
-                payloads.append(tf_rest_json(name, x64, "output_0"))
+    rows: list[Row] = []
+    for i, (on, payloads) in enumerate(configs):
+        threads = 1 if on.num_batch_threads == 2 else ctx.threads
+        label = f"s1-on-{i}-{on.max_batch_size}-{on.batch_timeout_micros}-{on.http}"
+        with edgekit_server([bundle], batching=on, threads=threads, log_dir=ctx.log_dir, label=label) as srv:
             for p in payloads:
                 row = load_row(
                     ctx,
@@ -517,15 +536,24 @@ def scenario_1(ctx: Context) -> None:
                     concurrency=conc,
                     batching=on.describe(),
                 )
-                vs_off = row.rps / base.rps if base.rps else float("inf")
-                vs_raw = row.rps / raw.rps
-                # The engine's own best-batch / batch-1 ratio bounds what batching can gain over "off".
-                ceiling = raw.rps / sweep[1]["rows_per_s"]
-                judge(
-                    row,
-                    vs_off >= 10 and vs_raw >= 0.7,
-                    f"≥10x off: {vs_off:.1f}x (raw engine best/batch-1: {ceiling:.1f}x); ≥70% raw best: {vs_raw:.0%}",
-                )
+                row.threads = threads
+                rows.append(row)
+    ctx.raw_cache.pop((str(d), "tflite", sizes), None)
+    again = raw_sweep(ctx, spec, d, "tflite", sizes)
+    raw_after = raw_row(ctx, 1, spec, "tflite", again)
+    raw_after.note += "; measured again after the server rows"
+    best_raw = max(raw.rps, raw_after.rps)
+    batch1 = max(sweep[1]["rows_per_s"], again[1]["rows_per_s"])
+    for row in rows:
+        vs_off = row.rps / base.rps if base.rps else float("inf")
+        vs_raw = row.rps / best_raw
+        # The engine's own best-batch / batch-1 ratio bounds what batching can gain over "off".
+        ceiling = best_raw / batch1
+        judge(
+            row,
+            vs_off >= 10 and vs_raw >= 0.7,
+            f"≥10x off: {vs_off:.1f}x (raw engine best/batch-1: {ceiling:.1f}x); ≥70% raw best: {vs_raw:.0%}",
+        )
 
 
 def scenario_2(ctx: Context) -> None:
@@ -695,6 +723,24 @@ def scenario_3(ctx: Context) -> None:
                 batching=cfg.describe(),
             )
         )
+    if not ctx.smoke:
+        # The same server behind uvicorn: what the native HTTP/1.1 server saves per request.
+        uv = dataclasses.replace(cfg, http="uvicorn")
+        with serving(ctx, [tfl], uv, "s3-c64-tflite-uvicorn") as srv:
+            ours.append(
+                load_row(
+                    ctx,
+                    srv,
+                    v2_json(name_t, "x", x64, "output_0"),
+                    exp_t,
+                    scenario=3,
+                    who="edgekit",
+                    spec=spec,
+                    fmt="tflite",
+                    concurrency=conc,
+                    batching=uv.describe(),
+                )
+            )
     for row in ours:
         if ml is None or not ml.rps:
             row.target, row.verdict = "≥4x MLServer req/s, p99 ≤ ¼ (MLServer not run)", "n/a"
@@ -717,10 +763,9 @@ def scenario_4(ctx: Context) -> None:
     x64, x32 = sample_input(spec)
     exp_t = raw_expected("tflite", d, x32, ctx.threads)
     exp_o = raw_expected("onnx", d, x32, ctx.threads)
-    cfg = mobilenet_batching()
-    ml = mlserver_row(
-        ctx, 4, spec, d / "model.onnx", name_o, v2_json(name_o, in_name_o, x64, "output_0"), exp_o, conc
-    )
+    # Batching as in scenario 2: the largest batch worth having is the engine's best, measured above.
+    cfg = mobilenet_batching(max(sweep, key=lambda bs: sweep[bs]["rows_per_s"]))
+    ml = mlserver_row(ctx, 4, spec, d / "model.onnx", name_o, v2_json(name_o, in_name_o, x64, "output_0"), exp_o, conc)
     json_rows: list[Row] = []
     with serving(ctx, [tfl], cfg, "s4-tflite") as srv:
         for p in (v2_json(name_t, in_name, x64, "output_0"), tf_rest_json(name_t, x64, "output_0")):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import importlib.util
 import logging
 import signal
@@ -27,6 +28,7 @@ from edgekit_runtime.server.http11 import HttpServer
 __all__ = ["HTTP_SERVERS", "bind", "serve"]
 
 HTTP_SERVERS = ("native", "uvicorn")
+_GC_THRESHOLD = 50_000
 
 log = logging.getLogger("edgekit_runtime.server")
 
@@ -78,6 +80,7 @@ def serve(
     # The batch workers and the event loop share the GIL: hand it over faster than the 5 ms
     # default so a worker whose engine call just returned does not wait for the loop's time slice.
     sys.setswitchinterval(0.001)
+    tune_gc()
     log.warning("edgekit-runtime serving on http://%s:%d (%s HTTP server)", host, bound_port, http)
     try:
         if http == "uvicorn":
@@ -86,6 +89,20 @@ def serve(
             _run(_serve_native(app, sock))
     finally:
         sock.close()
+
+
+def tune_gc() -> None:
+    """Keep Python's cyclic garbage collector off the request path.
+
+    Requests allocate many short-lived, acyclic objects (dicts, futures, tasks, arrays); with the
+    default threshold a young-generation pass runs every 700 allocations, and the full passes it
+    escalates to walk every object of the process, the imported libraries included. Measured on
+    the bench machine (docs/benchmarks.md): p99 at concurrency 64 fell from about 20 ms to 6 ms.
+    ``gc.freeze()`` moves everything alive now (modules, the runtime) out of the collector's sight;
+    the higher threshold makes passes rarer. Reference counting still frees almost everything at once.
+    """
+    gc.freeze()
+    gc.set_threshold(_GC_THRESHOLD, 20, 100)
 
 
 def _run(main: Any) -> None:
