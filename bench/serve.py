@@ -963,7 +963,8 @@ def environment(ctx: Context) -> list[str]:
         f"onnxruntime {onnxruntime.__version__}, MLServer {ctx.mlserver_version or 'not run'}, {wrk_version()}",
         f"- Engine threads {ctx.threads} (server `--threads` and the raw engine alike); {ctx.duration:.0f} s measured "
         f"per setting after {ctx.warmup:.0f} s of warm-up at the same concurrency; raw engine {ctx.raw_budget:.1f} s "
-        f"per batch size, in the bench process while no server runs",
+        f"per batch size, in the bench process while no server runs (scenario 1's paired rounds: while the "
+        "server idles)",
         "- Load: wrk, 1 thread, keep-alive, concurrency = connections, one sample per request, the same body "
         "every time; each answer format was checked once against the raw engine's output before the load",
         "- CPU column: average cores used during the measured run by the server process tree / wrk / "
