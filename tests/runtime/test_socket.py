@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -182,3 +183,44 @@ def test_runtime_distribution_declares_no_tensorflow() -> None:
     reqs = requires("edgekit-ml-runtime") or []
     names = {r.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower() for r in reqs}
     assert not names & {"tensorflow", "tensorflow-cpu", "keras", "tf2onnx", "tflite-runtime"}, names
+
+
+def test_uvicorn_server_serves_both_protocols(bundles: dict[str, Path], model_files: Models) -> None:
+    """`--http uvicorn` (the ASGI app under uvicorn) answers the same routes as the native server."""
+    import tritonclient.http as httpclient
+
+    port = free_port()
+    proc = start_server(str(bundles["mlp"]), "--port", str(port), "--http", "uvicorn", "--log-level", "warning")
+    try:
+        wait_ready(proc, port)
+        r = requests.post(f"http://127.0.0.1:{port}/v1/models/mlp:predict", json={"instances": X.tolist()}, timeout=30)
+        assert r.status_code == 200, r.text
+        assert r.headers["server"] == "uvicorn"
+        np.testing.assert_allclose(r.json()["predictions"], reference(model_files, X), atol=1e-4)
+        client = httpclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+        inp = httpclient.InferInput("x", list(X.shape), "FP32")
+        inp.set_data_from_numpy(X)
+        np.testing.assert_allclose(
+            client.infer("mlp", [inp]).as_numpy("output_0"), reference(model_files, X), atol=1e-4
+        )
+        client.close()
+        bad = requests.post(f"http://127.0.0.1:{port}/v1/models/mlp:predict", data=b"{oops", timeout=30)
+        assert bad.status_code == 400
+        assert "error" in bad.json()
+    finally:
+        proc.terminate()
+        # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught (its design since 0.29).
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+
+
+def test_native_server_gc_settings() -> None:
+    """`serve` freezes the startup heap and raises the young-generation threshold (docs/serving.md)."""
+    code = (
+        "import gc\n"
+        "from edgekit_runtime.server.run import tune_gc\n"
+        "tune_gc()\n"
+        "assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()\n"
+        "assert gc.get_threshold()[0] == 50_000, gc.get_threshold()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
