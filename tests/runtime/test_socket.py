@@ -173,6 +173,11 @@ def test_device_modules_never_import_tensorflow() -> None:
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in heavy)\n"
         "assert not bad, bad\n"
     )
+    run_fresh(code)
+
+
+def run_fresh(code: str) -> None:
+    """Run ``code`` in a new interpreter (a clean sys.modules and gc state); fail with its stderr."""
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
 
@@ -222,5 +227,4 @@ def test_native_server_gc_settings() -> None:
         "assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()\n"
         "assert gc.get_threshold()[0] == 50_000, gc.get_threshold()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
+    run_fresh(code)
