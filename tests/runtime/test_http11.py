@@ -1,4 +1,4 @@
-"""The native HTTP/1.1 server over raw sockets: keep-alive, pipelining, 100-continue, chunked bodies,
+"""The native HTTP/1.1 server over raw sockets: keep-alive, pipelining, 100-continue, chunked bodies, timeouts,
 the body limit, malformed requests, HTTP/1.0, clients that hang up, encoded paths and a graceful stop."""
 
 from __future__ import annotations
@@ -309,3 +309,61 @@ def test_sigterm_finishes_and_exits_0(bundles: dict[str, Path]) -> None:
             out = _stop(proc)
     assert proc.returncode == 0, out
     assert "finishing requests in flight" in out
+
+
+@pytest.fixture
+def quick_timeouts() -> Iterator[int]:
+    """An in-process native server (no models) with half-second timeouts, on a real socket."""
+    import asyncio
+    import threading
+
+    from edgekit_runtime.runtime import Runtime
+    from edgekit_runtime.server.app import create_app
+    from edgekit_runtime.server.http11 import HttpServer
+    from edgekit_runtime.server.run import bind
+
+    runtime = Runtime()
+    server = HttpServer(create_app(runtime), keep_alive_s=0.5, request_timeout_s=0.5)
+    sock = bind("127.0.0.1", 0)
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.start(sock))
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grace_s=1.0), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+        sock.close()
+        runtime.close()
+
+
+def test_idle_keep_alive_connection_is_closed(quick_timeouts: int) -> None:
+    with connect(quick_timeouts) as sock:
+        [(status, _, _)] = http(sock, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
+        time.sleep(2.5)  # keep_alive_s 0.5; the sweeper looks once a second
+        assert_closed(sock)
+
+
+def test_request_that_never_finishes_arriving_gets_408(quick_timeouts: int) -> None:
+    with connect(quick_timeouts) as sock:
+        sock.sendall(b"POST /v2/models/m/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        [(status, headers, body)] = http(sock, b"")
+        assert status == 408
+        assert headers["connection"] == "close"
+        assert "did not arrive within 0.5 s" in orjson.loads(body)["error"]
+        assert_closed(sock)
+    with connect(quick_timeouts) as sock:  # and the server still serves
+        [(status, _, _)] = http(sock, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 200
