@@ -38,6 +38,7 @@ __all__ = ["HttpServer"]
 log = logging.getLogger("edgekit_runtime.server")
 
 _MAX_IN_FLIGHT = 32  # pipelined requests per connection before reading pauses
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BIG_BODY = 64 << 10  # replies at least this big go out with writelines (no copy into one buffer)
 _PHRASES = {int(s): s.phrase.encode() for s in HTTPStatus}
 
@@ -83,7 +84,6 @@ class HttpServer:
         request_timeout_s: float = 60.0,
     ) -> None:
         self.app = app
-        self.max_body = app.max_body_bytes
         self.keep_alive_s = keep_alive_s
         self.request_timeout_s = request_timeout_s
         self.clock = _Clock()
@@ -135,8 +135,8 @@ class _Connection(asyncio.Protocol):
         self.app = server.app
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.pending: deque[asyncio.Task[Reply]] = deque()
-        self.reply_modes: deque[_Mode] = deque()  # one per pending task: how its reply is framed
+        # Requests in arrival order: each reply's future and how the reply is framed.
+        self.pending: deque[tuple[asyncio.Future[Reply], _Mode]] = deque()
         self.continue_owed = False  # a 100 Continue to send once the replies before it are out
         self.closing = False  # no more requests are read; close once the pending ones are answered
         self.reading_paused = False
@@ -163,8 +163,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
         self.closing = True
-        for task in self.pending:
-            task.cancel()  # nobody is left to answer; the batcher drops the cancelled request's rows
+        for fut, _ in self.pending:
+            fut.cancel()  # nobody is left to answer; the batcher drops the cancelled request's rows
         self.pending.clear()
         self.transport = None
 
@@ -178,8 +178,9 @@ class _Connection(asyncio.Protocol):
             # An upgrade (h2c, websocket) we do not speak: the request was answered as plain
             # HTTP/1.1; what follows on the wire is another protocol, so stop reading.
             self.closing = True
-            if self.reply_modes:
-                self.reply_modes[-1] = self.reply_modes[-1]._replace(keep_alive=False)
+            if self.pending:
+                fut, mode = self.pending[-1]
+                self.pending[-1] = (fut, mode._replace(keep_alive=False))
             self._flush()
         except httptools.HttpParserError as e:
             if not self.refused and not self.closing:  # data after `Connection: close` is ignored
@@ -209,22 +210,23 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         raw = self.headers.get(b"content-length")
-        if raw is not None and raw.isdigit() and int(raw) > self.server.max_body:
-            self._refuse(413, too_large(int(raw), self.server.max_body))
+        limit = self.app.max_body_bytes
+        if raw is not None and raw.isdigit() and int(raw) > limit:
+            self._refuse(413, too_large(int(raw), limit))
             return
         if self.headers.get(b"expect", b"").lower() == b"100-continue" and self.parser.get_http_version() != "1.0":
             # Not to HTTP/1.0 clients (RFC 9110 §10.1.1), and never ahead of earlier pipelined replies.
             if self.pending:
                 self.continue_owed = True
             elif self.transport is not None:
-                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.transport.write(_CONTINUE)
 
     def on_body(self, chunk: bytes) -> None:
         if self.refused:
             return
         self.body_size += len(chunk)
-        if self.body_size > self.server.max_body:
-            self._refuse(413, too_large(self.body_size, self.server.max_body))
+        if self.body_size > self.app.max_body_bytes:
+            self._refuse(413, too_large(self.body_size, self.app.max_body_bytes))
             return
         self.body.append(chunk)
 
@@ -245,28 +247,26 @@ class _Connection(asyncio.Protocol):
         task = asyncio.get_running_loop().create_task(
             self.app.dispatch(method, path or "/", headers.get, _constant(body))
         )
-        self.pending.append(task)
-        self.reply_modes.append(_Mode(keep_alive, method == "HEAD", self.parser.get_http_version() == "1.0"))
         self.continue_owed = False  # the body came without it
         if not keep_alive:
             self.closing = True
-        task.add_done_callback(self._task_done)
-        self._update_reading()
+        self._queue(task, _Mode(keep_alive, method == "HEAD", self.parser.get_http_version() == "1.0"))
 
     # -- replies ----------------------------------------------------------------------------------
 
-    def _task_done(self, _task: asyncio.Task[Reply]) -> None:
-        self._flush()
+    def _queue(self, fut: asyncio.Future[Reply], mode: _Mode) -> None:
+        self.pending.append((fut, mode))
+        fut.add_done_callback(self._flush)
+        self._update_reading()
 
-    def _flush(self) -> None:
+    def _flush(self, _done: object = None) -> None:
         """Write the finished replies at the head of the queue: pipelined answers keep their order."""
         pending = self.pending
-        while pending and pending[0].done():
-            task = pending.popleft()
-            mode = self.reply_modes.popleft()
-            if task.cancelled():
+        while pending and pending[0][0].done():
+            fut, mode = pending.popleft()
+            if fut.cancelled():
                 continue
-            exc = task.exception()
+            exc = fut.exception()
             if isinstance(exc, ClientGoneError):
                 continue
             if exc is not None:  # dispatch maps every error; this is a last resort, never a crash
@@ -274,10 +274,10 @@ class _Connection(asyncio.Protocol):
                 reply = Reply(500, orjson.dumps({"error": f"internal error: {exc}"}))
                 self._write(reply, mode._replace(keep_alive=False))
                 continue
-            self._write(task.result(), mode)
+            self._write(fut.result(), mode)
         if not pending and self.continue_owed and self.transport is not None:
             self.continue_owed = False
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.transport.write(_CONTINUE)
         if self.closing and not pending and self.transport is not None:
             self.transport.close()
         self._update_reading()
@@ -319,11 +319,9 @@ class _Connection(asyncio.Protocol):
         self.refused = True
         self.closing = True
         self.request_started = None
-        reply = Reply(status, orjson.dumps({"error": message}), JSON)
-        task = asyncio.get_running_loop().create_task(_done(reply))
-        self.pending.append(task)
-        self.reply_modes.append(_Mode(keep_alive=False, head=False, http10=False))
-        task.add_done_callback(self._task_done)
+        ready: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        ready.set_result(Reply(status, orjson.dumps({"error": message}), JSON))
+        self._queue(ready, _Mode(keep_alive=False, head=False, http10=False))
 
     def _update_reading(self) -> None:
         transport = self.transport
@@ -364,6 +362,3 @@ def _constant(body: bytes) -> Callable[[], Awaitable[bytes]]:
 
     return read
 
-
-async def _done(reply: Reply) -> Reply:
-    return reply
