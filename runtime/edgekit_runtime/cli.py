@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from edgekit_runtime import __version__
-from edgekit_runtime.config import BatchingOverrides, Config, load_config
+from edgekit_runtime.config import HTTP_SERVERS, BatchingOverrides, Config, load_config
 from edgekit_runtime.errors import EdgekitError, InvalidInputError
 
 __all__ = ["COMMANDS", "ErrorMappingGroup", "main", "score", "serve"]
@@ -91,8 +91,8 @@ def _logging(level: str) -> None:
 @click.option(
     "--http",
     "http_server",
-    type=click.Choice(["native", "uvicorn"]),
-    default="native",
+    type=click.Choice(HTTP_SERVERS),
+    default=HTTP_SERVERS[0],
     show_default=True,
     help="HTTP server: edgekit's own HTTP/1.1 protocol on httptools, or uvicorn (ASGI; slower, for comparison)",
 )

@@ -96,6 +96,10 @@ class ModelConfig(_Strict):
         return data
 
 
+#: The HTTP servers ``serve`` can run on (``--http``); the first is the default.
+HTTP_SERVERS = ("native", "uvicorn")
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=8500, ge=0, le=65535)

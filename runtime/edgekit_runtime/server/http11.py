@@ -361,4 +361,3 @@ def _constant(body: bytes) -> Callable[[], Awaitable[bytes]]:
         return body
 
     return read
-

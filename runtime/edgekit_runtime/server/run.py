@@ -20,14 +20,14 @@ import sys
 import threading
 from typing import Any
 
+from edgekit_runtime.config import HTTP_SERVERS
 from edgekit_runtime.errors import UnavailableError
 from edgekit_runtime.runtime import Runtime
 from edgekit_runtime.server.app import App, create_app
 from edgekit_runtime.server.http11 import HttpServer
 
-__all__ = ["HTTP_SERVERS", "bind", "serve"]
+__all__ = ["bind", "serve"]
 
-HTTP_SERVERS = ("native", "uvicorn")
 _GC_THRESHOLD = 50_000
 
 log = logging.getLogger("edgekit_runtime.server")
