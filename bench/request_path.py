@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from _models import MODELS, ensure_models, make_bundle
+from serve import sample_input, v2_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +30,6 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=20_000, help="calls per timed step (default 20000)")
     args = p.parse_args()
 
-    import tritonclient.http as triton
     import uvloop
 
     from edgekit_runtime.runtime import Runtime
@@ -40,12 +40,9 @@ def main() -> None:
     model_dir = ensure_models(ROOT / "bench" / "results" / "models", [spec.name])[spec.name]
     bundle = make_bundle(model_dir, spec, "tflite", threads=2)
     name = f"{spec.name}-tflite"
-    x = np.random.default_rng(7).standard_normal((1, spec.layers[0])).astype(np.float32)
-    inp = triton.InferInput("x", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x, binary_data=True)
-    out_req = triton.InferRequestedOutput("output_0", binary_data=True)
-    raw_body, json_size = triton.InferenceServerClient.generate_request_body([inp], outputs=[out_req])
-    body = bytes(raw_body)
+    payload = v2_binary(name, "x", sample_input(spec)[1], "output_0")  # the body scenario 3 sends
+    body = payload.body
+    json_size = int(payload.headers["Inference-Header-Content-Length"])
     headers = {b"inference-header-content-length": str(json_size).encode()}
 
     runtime = Runtime([bundle])
@@ -89,7 +86,7 @@ def main() -> None:
             await asyncio.gather(*[loop.create_task(noop()) for _ in range(64)])
         per_task = (time.perf_counter() - start) / (rounds * 64) * 1e6
         print(f"{'an asyncio task per request (create, run, gather)':55s} {per_task:8.2f} µs")
-        path = f"/v2/models/{name}/infer"
+        path = payload.path
         start = time.perf_counter()
         for _ in range(rounds):
             replies = await asyncio.gather(

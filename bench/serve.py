@@ -212,60 +212,41 @@ class Context:
 # --- measuring ---------------------------------------------------------------------------------------
 
 
-def raw_sweep(ctx: Context, spec: ModelSpec, model_dir: Path, fmt: str, sizes: tuple[int, ...]) -> dict[int, dict]:
-    """In-process rows/s and batch latency per batch size, with the engine thread count the server uses."""
-    key = (str(model_dir), fmt, sizes)
-    if key in ctx.raw_cache:
-        return ctx.raw_cache[key]
-    from edgekit_runtime.backends import load_backend
-    from edgekit_runtime.bundle import MODEL_FILES, RuntimeSettings
-    from edgekit_runtime.latency import measure
-
-    backend = load_backend(fmt, model_dir / MODEL_FILES[fmt], RuntimeSettings(threads=ctx.threads))
-    out: dict[int, dict] = {}
-    for bs in sizes:
-        wall, own, busy = time.perf_counter(), time.process_time(), machine_busy_s()
-        stats = measure(backend, bs, warmup=3, min_runs=5, budget_s=ctx.raw_budget)
-        wall, own, busy = time.perf_counter() - wall, time.process_time() - own, machine_busy_s() - busy
-        # Cores used by the engine (this process) and by everything else while it ran: the noise.
-        out[bs] = {**stats.as_dict(), "cpu_self": own / wall, "cpu_other": max(0.0, busy - own) / wall}
-    backend.close()
-    del backend
-    ctx.raw_cache[key] = out
-    return out
-
-
-def raw_parallel(ctx: Context, spec: ModelSpec, model_dir: Path, fmt: str, sizes: tuple[int, ...]) -> dict[int, dict]:
-    """Rows/s with ``ctx.threads`` engines of one thread each running batches side by side (the way
-    ``--num-batch-threads N --threads 1`` runs them): part of the engine's best, measured honestly."""
-    key = (str(model_dir), f"{fmt}-parallel", sizes)
+def raw_sweep(
+    ctx: Context, spec: ModelSpec, model_dir: Path, fmt: str, sizes: tuple[int, ...], *, parallel: bool = False
+) -> dict[int, dict]:
+    """In-process rows/s and batch latency per batch size, with the engine thread count the server uses;
+    ``parallel``: ``max(2, threads)`` one-thread engines running batches side by side instead (the way
+    ``--num-batch-threads N --threads 1`` runs them; latency columns are the first engine's)."""
+    key = (str(model_dir), f"{fmt}-parallel" if parallel else fmt, sizes)
     if key in ctx.raw_cache:
         return ctx.raw_cache[key]
     import threading
 
-    from edgekit_runtime.backends import load_backend
+    from edgekit_runtime.backends import Backend, load_backend
     from edgekit_runtime.bundle import MODEL_FILES, RuntimeSettings
-    from edgekit_runtime.latency import measure
+    from edgekit_runtime.latency import LatencyStats, measure
 
-    streams = max(2, ctx.threads)
-    backends = [load_backend(fmt, model_dir / MODEL_FILES[fmt], RuntimeSettings(threads=1)) for _ in range(streams)]
+    engines = max(2, ctx.threads) if parallel else 1
+    settings = RuntimeSettings(threads=1 if parallel else ctx.threads)
+    backends = [load_backend(fmt, model_dir / MODEL_FILES[fmt], settings) for _ in range(engines)]
     out: dict[int, dict] = {}
     for bs in sizes:
-        results: list = [None] * streams
+        results: list[LatencyStats] = []
 
-        def one(i: int, bs: int = bs, results: list = results) -> None:
-            results[i] = measure(backends[i], bs, warmup=3, min_runs=5, budget_s=ctx.raw_budget)
+        def one(backend: Backend, bs: int = bs, results: list[LatencyStats] = results) -> None:
+            results.append(measure(backend, bs, warmup=3, min_runs=5, budget_s=ctx.raw_budget))
 
         wall, own, busy = time.perf_counter(), time.process_time(), machine_busy_s()
-        workers = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+        workers = [threading.Thread(target=one, args=(b,)) for b in backends]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
         wall, own, busy = time.perf_counter() - wall, time.process_time() - own, machine_busy_s() - busy
-        first = results[0].as_dict()
+        # Cores used by the engine (this process) and by everything else while it ran: the noise.
         out[bs] = {
-            **first,
+            **results[0].as_dict(),
             "rows_per_s": sum(r.rows_per_s for r in results),
             "runs": sum(r.runs for r in results),
             "cpu_self": own / wall,
@@ -663,7 +644,7 @@ def scenario_2(ctx: Context) -> None:
     conc = 16
     sweep = raw_sweep(ctx, spec, d, "tflite", (1, 2, 4, 8, 16))
     raw = raw_row(ctx, 2, spec, "tflite", sweep)
-    par = raw_parallel(ctx, spec, d, "tflite", (1, 2, 4, 8))
+    par = raw_sweep(ctx, spec, d, "tflite", (1, 2, 4, 8), parallel=True)
     raw_par = raw_row(ctx, 2, spec, "tflite", par, parallel=True)
     best_raw = max(raw.rps, raw_par.rps)
     bundle = ctx.bundle(spec, d, "tflite")
@@ -802,56 +783,32 @@ def scenario_3(ctx: Context) -> None:
         max_batch_size=32, batch_timeout_micros=2000, max_enqueued_batches=16, allowed_batch_sizes=powers_of_two(32)
     )
     ml = mlserver_row(ctx, 3, spec, d / "model.onnx", name_o, v2_json(name_o, "x", x64, "output_0"), exp_o, conc)
+    json_t = v2_json(name_t, "x", x64, "output_0")
+    runs: list[tuple[str, Path, str, BatchConfig, np.ndarray, list[Payload]]] = [
+        ("s3-c64-tflite", tfl, "tflite", cfg, exp_t, [json_t, tf_rest_json(name_t, x64, "output_0")]),
+        ("s3-c64-onnx", onx, "onnx", cfg, exp_o, [v2_json(name_o, "x", x64, "output_0")]),
+    ]
+    if not ctx.smoke:
+        # The same server behind uvicorn: what the native HTTP/1.1 server saves per request.
+        runs.append(("s3-c64-tflite-uvicorn", tfl, "tflite", dataclasses.replace(cfg, http="uvicorn"), exp_t, [json_t]))
     ours: list[Row] = []
-    with serving(ctx, [tfl], cfg, "s3-c64-tflite") as srv:
-        for p in (v2_json(name_t, "x", x64, "output_0"), tf_rest_json(name_t, x64, "output_0")):
-            ours.append(
+    for label, bundle, fmt, on, expected, payloads in runs:
+        with serving(ctx, [bundle], on, label) as srv:
+            ours += [
                 load_row(
                     ctx,
                     srv,
                     p,
-                    exp_t,
+                    expected,
                     scenario=3,
                     who="edgekit",
                     spec=spec,
-                    fmt="tflite",
+                    fmt=fmt,
                     concurrency=conc,
-                    batching=cfg.describe(),
+                    batching=on.describe(),
                 )
-            )
-    with serving(ctx, [onx], cfg, "s3-c64-onnx") as srv:
-        ours.append(
-            load_row(
-                ctx,
-                srv,
-                v2_json(name_o, "x", x64, "output_0"),
-                exp_o,
-                scenario=3,
-                who="edgekit",
-                spec=spec,
-                fmt="onnx",
-                concurrency=conc,
-                batching=cfg.describe(),
-            )
-        )
-    if not ctx.smoke:
-        # The same server behind uvicorn: what the native HTTP/1.1 server saves per request.
-        uv = dataclasses.replace(cfg, http="uvicorn")
-        with serving(ctx, [tfl], uv, "s3-c64-tflite-uvicorn") as srv:
-            ours.append(
-                load_row(
-                    ctx,
-                    srv,
-                    v2_json(name_t, "x", x64, "output_0"),
-                    exp_t,
-                    scenario=3,
-                    who="edgekit",
-                    spec=spec,
-                    fmt="tflite",
-                    concurrency=conc,
-                    batching=uv.describe(),
-                )
-            )
+                for p in payloads
+            ]
     for row in ours:
         if ml is None or not ml.rps:
             row.target, row.verdict = "≥4x MLServer req/s, p99 ≤ ¼ (MLServer not run)", "n/a"
