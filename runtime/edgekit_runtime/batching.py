@@ -270,35 +270,43 @@ class Batcher:
         return items
 
     def _run(self, backend: Backend, items: list[tuple[_Task, int, int]]) -> None:
+        """Run one batch and resolve every caller in it. Whatever fails (joining the rows, the engine,
+        an output that does not split back, the metrics callback) fails this batch's callers that are
+        still waiting, never the worker: a dead worker would leave every later request queued."""
         rows = sum(e - s for _, s, e in items)
         padded = rows
         try:
-            if len(items) == 1 and items[0][1] == 0 and items[0][2] == items[0][0].rows:
-                feeds = items[0][0].feeds
-            else:
-                feeds = {k: np.concatenate([t.feeds[k][s:e] for t, s, e in items]) for k in self._input_names}
             padded = self._pad_to(rows)
-            if padded > rows:
-                feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded - rows, axis=0)]) for k, v in feeds.items()}
-            out = backend.run_prepared(feeds)  # each request was checked and coerced on submit
-            for k, v in out.items():
-                if v.ndim == 0 or v.shape[0] != padded:
-                    msg = (
-                        f"output {k!r} has shape {list(v.shape)}, not one row per input row ({padded}); "
-                        "this model cannot be batched: turn batching off for it"
-                    )
-                    raise BackendError(msg)
+            out = self._execute(backend, items, rows, padded)
+            self._deliver(items, out)
         except EdgekitError as e:
             self._fail(items, e)
-            return
-        except Exception as e:  # an engine bug must fail its callers, not kill the worker
+        except Exception as e:
             log.exception("batch of %d rows failed", rows)
             self._fail(items, BackendError(f"the model failed to run: {type(e).__name__}: {e}"))
-            return
-        finally:
-            if self._on_batch is not None:
+        if self._on_batch is not None:
+            try:
                 self._on_batch(rows, padded)
-        self._deliver(items, out)
+            except Exception:  # metrics must never cost a caller its answer, nor the worker its life
+                log.exception("the batch callback failed")
+
+    def _execute(self, backend: Backend, items: list[tuple[_Task, int, int]], rows: int, padded: int) -> Outputs:
+        if len(items) == 1 and items[0][1] == 0 and items[0][2] == items[0][0].rows:
+            feeds = items[0][0].feeds
+        else:
+            feeds = {k: np.concatenate([t.feeds[k][s:e] for t, s, e in items]) for k in self._input_names}
+        if padded > rows:
+            feeds = {k: np.concatenate([v, np.repeat(v[-1:], padded - rows, axis=0)]) for k, v in feeds.items()}
+        out = backend.run_prepared(feeds)  # each request was checked and coerced on submit
+        for k, v in out.items():
+            if not isinstance(v, np.ndarray) or v.ndim == 0 or v.shape[0] != padded:
+                shape = list(v.shape) if isinstance(v, np.ndarray) else type(v).__name__
+                msg = (
+                    f"output {k!r} has shape {shape}, not one row per input row ({padded}); "
+                    "this model cannot be batched: turn batching off for it"
+                )
+                raise BackendError(msg)
+        return out
 
     def _pad_to(self, rows: int) -> int:
         for size in self._allowed:

@@ -247,3 +247,75 @@ def test_litert_batches_are_cut_to_powers_of_two() -> None:
     b.close()
     assert be.batches[1:] == [4, 2, 1]
     assert batch_sizes(settings(max_batch_size=8), be) == [1, 2, 4, 8]
+
+
+class PhaseBackend(FakeBackend):
+    """Fails in one chosen phase of a batch; every later batch runs normally."""
+
+    def __init__(self, phase: str) -> None:
+        super().__init__()
+        self.phase = phase
+        self.calls = 0
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls += 1
+        out = super()._run(feeds)
+        if self.calls > (2 if self.phase == "split" else 1):
+            return out
+        if self.phase == "engine":
+            msg = "engine crashed"
+            raise RuntimeError(msg)
+        if self.phase == "scalar-output":
+            return {"y": np.float32(1.0)}  # type: ignore[dict-item]
+        if self.phase == "not-an-array":
+            return {"y": out["y"].tolist()}  # type: ignore[dict-item]
+        if self.phase == "split" and self.calls == 2:
+            return {"z": out["y"]}  # the second half of a split request names its output differently
+        return out
+
+
+@pytest.mark.parametrize("phase", ["engine", "scalar-output", "not-an-array", "split"])
+def test_a_failure_in_any_phase_fails_the_callers_and_keeps_the_worker(phase: str) -> None:
+    be = PhaseBackend(phase)
+    b = Batcher([be], settings(max_batch_size=4))
+    x = rows(6)  # split across two batches of 4 and 2 rows
+    with pytest.raises(BackendError):
+        b.submit({"x": x}, 6).result(WAIT)  # a worker that died would leave this future hanging
+    np.testing.assert_array_equal(b.submit({"x": rows(1)}, 1).result(WAIT)["y"], rows(1) * 2)
+    b.close()
+
+
+def test_rows_of_unequal_shapes_fail_their_batch_not_the_worker() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    be.signature = Signature(
+        inputs=[TensorSpec(name="x", dtype="float32", shape=[-1, -1])],
+        outputs=[TensorSpec(name="y", dtype="float32", shape=[-1, -1])],
+    )
+    b = Batcher([be], settings(max_batch_size=8))
+    first = blocked(be, b)
+    a = b.submit({"x": np.ones((1, 2), np.float32)}, 1)
+    c = b.submit({"x": np.ones((1, 3), np.float32)}, 1)  # cannot be stacked with the one before
+    gate.set()
+    first.result(WAIT)  # type: ignore[attr-defined]
+    for f in (a, c):
+        with pytest.raises(BackendError, match="failed to run"):
+            f.result(WAIT)
+    np.testing.assert_array_equal(b.submit({"x": rows(1)}, 1).result(WAIT)["y"], rows(1) * 2)
+    b.close()
+
+
+def test_a_failing_batch_callback_costs_no_caller_its_answer() -> None:
+    seen: list[tuple[int, int]] = []
+
+    def on_batch(n: int, padded: int) -> None:
+        seen.append((n, padded))
+        if len(seen) == 1:
+            msg = "metrics broke"
+            raise RuntimeError(msg)
+
+    b = Batcher([FakeBackend()], settings(max_batch_size=4, allowed_batch_sizes=[2, 4]), on_batch=on_batch)
+    np.testing.assert_array_equal(b.submit({"x": rows(3)}, 3).result(WAIT)["y"], rows(3) * 2)
+    np.testing.assert_array_equal(b.submit({"x": rows(1)}, 1).result(WAIT)["y"], rows(1) * 2)
+    b.close()
+    assert seen == [(3, 4), (1, 2)]
