@@ -82,7 +82,14 @@ class _RichReporter(Reporter):
     help="folder for the bundles (NAME-PROFILE.ekb)",
 )
 @click.option("--name", default=None, help="model name in the manifest (default: the model file's name)")
-@click.option("--version", "model_version", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--version",
+    "model_version",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="integer version in the manifest (the device keeps versions side by side)",
+)
 @click.option(
     "--calibration",
     type=click.Path(path_type=Path),
@@ -93,7 +100,7 @@ class _RichReporter(Reporter):
     "--validation",
     type=click.Path(path_type=Path),
     default=None,
-    help=".npy or .npz (optional 'labels' array for task accuracy); default: 20%% held out of --calibration",
+    help=".npy or .npz (optional 'labels' array for task accuracy); default: 20% held out of --calibration",
 )
 @click.option(
     "--synthetic-calibration",

@@ -7,10 +7,12 @@ removed however the run ends; bundles are written atomically by ``Bundle.write``
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -135,16 +137,26 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def check_output_dir(path: Path) -> None:
-    """Create ``path`` if needed and prove a file can be written there, before any slow work."""
-    how = "choose a folder you can write to with -o"
+@contextlib.contextmanager
+def output_dir(path: Path) -> Iterator[Path]:
+    """Create ``path`` if needed and prove a file can be written there, before any slow work; when the
+    block ends, the folders it created are removed again if nothing was written into them."""
+    created = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        msg = f"cannot write to output folder {path}: {e.strerror or e}; {how}"
-        raise InvalidInputError(msg) from e
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as e:
+            msg = f"cannot write to output folder {path}: {e.strerror or e}; choose a folder you can write to with -o"
+            raise InvalidInputError(msg) from e
+        yield path
+    finally:
+        for folder in created:
+            try:
+                folder.rmdir()  # only an empty folder: a written bundle (or anyone else's file) keeps it
+            except OSError:
+                break
 
 
 def default_name(model: Path) -> str:
@@ -285,10 +297,9 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
     model = Path(model)
     out_dir = Path(options.output_dir)
     norm, labels = _parse_processing(options)
-    check_output_dir(out_dir)
     needing = [p.name for p in profiles if p.conversion.needs_calibration]
-    reporter.start(len(profiles))
-    with tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp:
+    with output_dir(out_dir), tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp:
+        reporter.start(len(profiles))
         workdir = Path(tmp)
         reporter.step(None, f"loading {model}")
         source = load_source(model, workdir)

@@ -21,6 +21,17 @@ from tests.converters import models
 FAST = ["--latency-seconds", "0.05"]
 
 
+def one_line(result: Result) -> None:
+    """An error is shown as one line, never a traceback."""
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def no_output_folder(out: Path) -> None:
+    """A run that wrote no bundle leaves no output folder behind (tests pass folders that do not exist yet)."""
+    assert not out.exists(), sorted(p.name for p in out.iterdir())
+
+
 def invoke(*args: str | Path) -> Result:
     from edgekit.cli import cli
 

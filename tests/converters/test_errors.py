@@ -14,20 +14,14 @@ from edgekit.errors import UnsupportedOpError
 from edgekit.profiles import load_profile
 from edgekit_converters.pipeline import Options, Reporter, run
 from tests.converters import models
-from tests.converters.conftest import FAST
+from tests.converters.conftest import FAST, no_output_folder, one_line
 
 pytestmark = pytest.mark.slow
 Invoke = Callable[..., Result]
 
 
-def _no_traceback(result: Result) -> None:
-    assert "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1, result.output
-
-
-def _nothing_left(out: Path) -> None:
-    leftovers = list(out.iterdir()) if out.exists() else []
-    assert leftovers == [], leftovers
+def _nothing_left(folder: Path) -> None:
+    assert list(folder.iterdir()) == []
 
 
 @pytest.fixture
@@ -40,10 +34,20 @@ def private_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_missing_model_file(cli_invoke: Invoke, tmp_path: Path) -> None:
-    r = cli_invoke("convert", tmp_path / "nope.keras", "--profile", "generic-cpu", "-o", tmp_path / "out")
+    out = tmp_path / "out" / "nested"
+    r = cli_invoke("convert", tmp_path / "nope.keras", "--profile", "generic-cpu", "-o", out)
     assert r.exit_code == 3
     assert "nope.keras: no such file or directory" in r.output
-    _no_traceback(r)
+    one_line(r)
+    no_output_folder(tmp_path / "out")  # nor the parent it had to create
+
+
+def test_failed_run_keeps_a_folder_it_did_not_create(cli_invoke: Invoke, tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    r = cli_invoke("convert", tmp_path / "nope.keras", "--profile", "generic-cpu", "-o", out)
+    assert r.exit_code == 3
+    assert out.is_dir()
 
 
 @pytest.mark.parametrize(
@@ -60,8 +64,8 @@ def test_file_that_is_not_a_model(cli_invoke: Invoke, tmp_path: Path, name: str,
     r = cli_invoke("convert", path, "--profile", "x86-server", "--synthetic-calibration", "-o", tmp_path / "out")
     assert r.exit_code == 2, r.output
     assert expected in r.output
-    _no_traceback(r)
-    _nothing_left(tmp_path / "out")
+    one_line(r)
+    no_output_folder(tmp_path / "out")
 
 
 def test_directory_that_is_not_a_saved_model(cli_invoke: Invoke, tmp_path: Path) -> None:
@@ -78,8 +82,8 @@ def test_truncated_onnx(cli_invoke: Invoke, tmp_path: Path, digits: Any, private
     r = cli_invoke("convert", bad, "--profile", "jetson-orin", "-o", tmp_path / "out")
     assert r.exit_code == 2
     assert "truncated.onnx: not a valid ONNX model (truncated or corrupted?)" in r.output
-    _no_traceback(r)
-    _nothing_left(tmp_path / "out")
+    one_line(r)
+    no_output_folder(tmp_path / "out")
     _nothing_left(private_tmp)
 
 
@@ -88,7 +92,7 @@ def test_unknown_profile(cli_invoke: Invoke, digits_model: Path, tmp_path: Path)
     assert r.exit_code == 10
     assert "unknown profile 'raspberry'" in r.output
     assert "raspberrypi" in r.output  # the list of bundled profiles helps the user fix it
-    _no_traceback(r)
+    one_line(r)
 
 
 def test_bad_profile_file_names_key_and_file(cli_invoke: Invoke, digits_model: Path, tmp_path: Path) -> None:
@@ -99,7 +103,7 @@ def test_bad_profile_file_names_key_and_file(cli_invoke: Invoke, digits_model: P
     assert str(path) in r.output
     assert "conversion.quantisation" in r.output
     assert "unknown key" in r.output
-    _no_traceback(r)
+    one_line(r)
 
 
 def test_impossible_profile_combination(cli_invoke: Invoke, digits_model: Path, tmp_path: Path) -> None:
@@ -119,8 +123,8 @@ def test_calibration_of_wrong_shape(
     )  # fmt: skip
     assert r.exit_code == 2
     assert "input 'pixels' has shape [20, 32]; expected [-1, 64]" in r.output
-    _no_traceback(r)
-    _nothing_left(tmp_path / "out")
+    one_line(r)
+    no_output_folder(tmp_path / "out")
 
 
 def test_calibration_of_wrong_dtype(cli_invoke: Invoke, digits_model: Path, tmp_path: Path) -> None:
@@ -138,7 +142,7 @@ def test_mode_needing_calibration_without_it(cli_invoke: Invoke, digits_model: P
     assert r.exit_code == 2
     assert "profile(s) raspberrypi needs calibration data" in r.output
     assert "--synthetic-calibration" in r.output
-    _no_traceback(r)
+    one_line(r)
 
 
 def test_op_the_target_cannot_run(
@@ -152,8 +156,8 @@ def test_op_the_target_cannot_run(
     )
     assert r.exit_code == 12, r.output
     assert "op ELU cannot run on profile coral-edgetpu" in r.output
-    _no_traceback(r)
-    _nothing_left(out)
+    one_line(r)
+    no_output_folder(out)
     _nothing_left(private_tmp)
 
 
@@ -170,7 +174,7 @@ def test_op_without_a_kernel_in_the_mode(tmp_path: Path) -> None:
             Options(output_dir=tmp_path / "out", synthetic_calibration=True),
         )
     assert "op ERF cannot run on profile cortex-m" in str(err.value)
-    _nothing_left(tmp_path / "out")
+    no_output_folder(tmp_path / "out")
 
 
 def test_unwritable_output_folder(cli_invoke: Invoke, digits_model: Path, tmp_path: Path) -> None:
@@ -180,7 +184,7 @@ def test_unwritable_output_folder(cli_invoke: Invoke, digits_model: Path, tmp_pa
     assert r.exit_code == 2
     assert f"cannot write to output folder {blocker / 'out'}" in r.output
     assert "choose a folder you can write to" in r.output
-    _no_traceback(r)
+    one_line(r)
 
 
 def test_budget_failure_names_budget_value_and_limit(
@@ -205,7 +209,7 @@ def test_budget_failure_names_budget_value_and_limit(
     assert "tiny: max_model_size_mb = 0.001 MB: measured 0.0" in r.output
     assert "--no-strict" in r.output
     assert "FAILED" in r.output  # the report table is shown before the error
-    _nothing_left(out)
+    no_output_folder(out)
     r = cli_invoke(*args, "--no-strict")
     assert r.exit_code == 0
     assert "warning:" in r.output
@@ -222,5 +226,5 @@ def test_interrupted_run_leaves_nothing(digits_model: Path, tmp_path: Path, priv
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         run(digits_model, [load_profile("generic-cpu")], Options(output_dir=out, latency_seconds=0.05), _Interrupt())
-    _nothing_left(out)
+    no_output_folder(out)
     _nothing_left(private_tmp)

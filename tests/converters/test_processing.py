@@ -16,7 +16,7 @@ from edgekit_converters import processing
 from edgekit_converters.calibration import Dataset
 from edgekit_runtime.bundle import Preprocessing
 from edgekit_runtime.tensors import TensorSpec
-from tests.converters.conftest import FAST
+from tests.converters.conftest import FAST, no_output_folder, one_line
 
 Invoke = Callable[..., Result]
 LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -190,12 +190,6 @@ def test_normalized_bundle_with_labels_serves_raw_inputs(
     assert np.all(np.diff(got["top_k_scores"], axis=1) <= 0)  # best first
 
 
-def _one_line_nothing_left(r: Result, out: Path) -> None:
-    assert "Traceback" not in r.output
-    assert len(r.output.strip().splitlines()) == 1, r.output
-    assert not out.exists() or list(out.iterdir()) == []
-
-
 @pytest.mark.parametrize(
     ("args", "code", "expected"),
     [
@@ -221,8 +215,8 @@ def test_bad_values_before_any_work(
     r = cli_invoke("convert", tmp_path / "never-read.keras", "--profile", "generic-cpu", "-o", out, *args)
     assert r.exit_code == code, r.output
     assert expected.format(tmp=tmp_path) in r.output
-    _one_line_nothing_left(r, out)
-    assert not out.exists()
+    one_line(r)
+    no_output_folder(out)
 
 
 @pytest.mark.slow
@@ -250,4 +244,5 @@ def test_bad_values_against_the_model(
     )  # fmt: skip
     assert r.exit_code == 2, r.output
     assert expected.format(tmp=tmp_path) in r.output
-    _one_line_nothing_left(r, out)
+    one_line(r)
+    no_output_folder(out)
