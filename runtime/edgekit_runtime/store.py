@@ -19,7 +19,8 @@ from edgekit_runtime.bundle import (
     SIGNATURE,
     Bundle,
     Manifest,
-    _npz_bytes,
+    default_file_mode,
+    fsync_dir,
     read_bundle,
     read_bundle_dir,
 )
@@ -44,17 +45,20 @@ def install_bundle(bundle_path: str | Path, store: str | Path) -> Path:
         msg = f"cannot write to the store {store}: {e.strerror}"
         raise BundleError(msg) from e
     try:
-        (tmp / MANIFEST).write_bytes(bundle.manifest_bytes or m.to_json())
+        members = {MANIFEST: bundle.manifest_bytes or m.to_json(), m.model_file: bundle.model}
         if bundle.signature is not None:
-            (tmp / SIGNATURE).write_bytes(bundle.signature)
-        (tmp / m.model_file).write_bytes(bundle.model)
+            members[SIGNATURE] = bundle.signature
         if m.golden is not None:
-            for rel, arrays in ((m.golden.inputs, bundle.golden_inputs), (m.golden.outputs, bundle.golden_outputs)):
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                (tmp / rel).write_bytes(_npz_bytes(arrays))
-        tmp.chmod(0o755)
+            members[m.golden.inputs], members[m.golden.outputs] = bundle.golden_members()
+        mode = default_file_mode()
+        for rel, data in members.items():  # names were checked when the bundle was read: none escapes tmp
+            _write_durable(tmp / rel, data, mode)
+        for d in {(tmp / rel).parent for rel in members}:
+            fsync_dir(d)
+        tmp.chmod(mode | (mode & 0o444) >> 2)  # searchable wherever readable: 0644 files, a 0755 folder
         # rename(2) of a directory fails if the target exists, so two installers cannot both win.
         os.rename(tmp, target)  # noqa: PTH104 - want rename(2) semantics, not Path.replace
+        fsync_dir(target.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if target.exists():
@@ -63,6 +67,15 @@ def install_bundle(bundle_path: str | Path, store: str | Path) -> Path:
         msg = f"cannot install into {target}: {e.strerror}"
         raise BundleError(msg) from e
     return target
+
+
+def _write_durable(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_installed(path: str | Path) -> Bundle:
