@@ -112,11 +112,6 @@ class Profile(_Strict):
         if c.format == "onnx" and self.runtime.delegates:
             msg = "runtime.delegates is for TFLite profiles; ONNX profiles use runtime.execution_providers"
             raise ValueError(msg)
-        b = self.runtime.batching
-        sizes = b.allowed_batch_sizes
-        if sizes and (sizes != sorted(set(sizes)) or sizes[-1] != b.max_batch_size):
-            msg = "runtime.batching.allowed_batch_sizes must increase strictly and end with max_batch_size"
-            raise ValueError(msg)
         return self
 
 

@@ -65,27 +65,16 @@ class _Task:
 def padded_sizes(settings: BatchingSettings, fixed_batch: int | None) -> list[int]:
     """The batch sizes the batcher pads up to: ``allowed_batch_sizes`` when set, else none (no padding).
 
-    Validated here so a bad config is an error naming the setting, not a hang later.
-    """
-    allowed = sorted(settings.allowed_batch_sizes)
-    if not allowed:
-        return []
-    if len(set(allowed)) != len(allowed) or allowed[0] < 1:
-        msg = f"allowed_batch_sizes {settings.allowed_batch_sizes} must be distinct positive sizes"
-        raise InvalidInputError(msg)
-    if allowed[-1] != settings.max_batch_size:
-        msg = (
-            f"allowed_batch_sizes {settings.allowed_batch_sizes}: the largest must equal max_batch_size "
-            f"({settings.max_batch_size}), as in TF Serving"
-        )
-        raise InvalidInputError(msg)
+    BatchingSettings itself checks the sizes (increasing, ending at max_batch_size); what only the
+    loaded model can tell is whether they fit its fixed batch."""
+    allowed = settings.allowed_batch_sizes
     if fixed_batch is not None and any(s % fixed_batch for s in allowed):
         msg = (
-            f"allowed_batch_sizes {settings.allowed_batch_sizes} must be multiples of the model's fixed batch "
-            f"{fixed_batch}"
+            f"allowed_batch_sizes {allowed} must be multiples of the model's fixed batch {fixed_batch}; "
+            "change them or turn batching off for this model"
         )
         raise InvalidInputError(msg)
-    return allowed
+    return list(allowed)
 
 
 def _rounds_down(settings: BatchingSettings, backend: Backend) -> bool:

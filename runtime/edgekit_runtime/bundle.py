@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgekit_runtime.errors import BundleError
+from edgekit_runtime.errors import BundleError, NotFoundError
 from edgekit_runtime.tensors import TensorSpec
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "fsync_dir",
     "max_bundle_bytes",
     "npz_bytes",
+    "parse_manifest",
     "read_bundle",
     "read_bundle_dir",
     "read_npz",
@@ -101,6 +102,18 @@ class BatchingSettings(_Strict):
     allowed_batch_sizes: list[int] = Field(default_factory=list)
     max_enqueued_batches: int = Field(default=16, ge=1)
     num_batch_threads: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _allowed_sizes(self) -> BatchingSettings:
+        # The one place this rule lives: profiles, manifests, config files and flags all end here.
+        sizes = self.allowed_batch_sizes
+        if sizes and (sizes != sorted(set(sizes)) or sizes[0] < 1 or sizes[-1] != self.max_batch_size):
+            msg = (
+                f"allowed_batch_sizes {sizes} must be positive, increase strictly and end with "
+                f"max_batch_size ({self.max_batch_size}), as in TF Serving"
+            )
+            raise ValueError(msg)
+        return self
 
 
 class RuntimeSettings(_Strict):
@@ -285,6 +298,24 @@ class Bundle:
         return path
 
 
+def parse_manifest(raw: bytes, path: Path) -> Manifest:
+    """Parse and check ``manifest.json`` of the bundle at ``path``; BundleError names the bad field."""
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = f"{path}: invalid manifest.json at {where!r}: {first['msg']}"
+        raise BundleError(msg) from None
+    if manifest.schema_version > SCHEMA_VERSION:
+        msg = (
+            f"{path}: bundle schema {manifest.schema_version} is newer than this runtime's "
+            f"({SCHEMA_VERSION}); upgrade edgekit-ml-runtime"
+        )
+        raise BundleError(msg)
+    return manifest
+
+
 def _assemble(path: Path, read: Callable[[str], bytes | None], fix: str, present: set[str] | None = None) -> Bundle:
     """Check and assemble a bundle from its members, whatever holds them (a zip file or an installed
     folder): manifest schema, member names, model hash, golden samples. ``present`` is every member
@@ -299,19 +330,7 @@ def _assemble(path: Path, read: Callable[[str], bytes | None], fix: str, present
         return data
 
     raw = member(MANIFEST)
-    try:
-        manifest = Manifest.model_validate_json(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = f"{path}: invalid manifest.json at {where!r}: {first['msg']}"
-        raise BundleError(msg) from None
-    if manifest.schema_version > SCHEMA_VERSION:
-        msg = (
-            f"{path}: bundle schema {manifest.schema_version} is newer than this runtime's "
-            f"({SCHEMA_VERSION}); upgrade edgekit-ml-runtime"
-        )
-        raise BundleError(msg)
+    manifest = parse_manifest(raw, path)
     if present is not None:
         unexpected = sorted(present - {MANIFEST, SIGNATURE, *manifest.member_names()})
         if unexpected:
@@ -379,13 +398,14 @@ def _zip_members(path: Path, z: zipfile.ZipFile) -> set[str]:
     return names
 
 
-def read_bundle(path: str | Path) -> Bundle:
+def read_bundle(path: str | Path, *, manifest_only: bool = False) -> Bundle:
     """Read and check a bundle file: manifest schema, member names, sizes, model hash, golden samples.
-    BundleError if anything is off."""
+    BundleError if anything is off. ``manifest_only`` checks the zip's listing and the manifest and
+    returns a Bundle without model or golden samples (for settings checks; never to serve)."""
     path = Path(path)
     if not path.exists():
         msg = f"{path}: no such bundle file"
-        raise BundleError(msg)
+        raise NotFoundError(msg)
     try:
         z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
@@ -403,6 +423,12 @@ def read_bundle(path: str | Path) -> Bundle:
                 msg = f"{path}: bundle member {name} is corrupt ({e}); re-create or re-download it"
                 raise BundleError(msg) from e
 
+        if manifest_only:
+            raw = read(MANIFEST)
+            if raw is None:
+                msg = f"{path}: bundle has no {MANIFEST}; re-create or re-download it"
+                raise BundleError(msg)
+            return Bundle(parse_manifest(raw, path), b"", {}, {}, manifest_bytes=raw)
         return _assemble(path, read, "re-create or re-download it", names)
 
 

@@ -58,9 +58,11 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
         sizes = [int(s) for s in value.split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"{value!r}: give increasing batch sizes like 1,2,4,8") from None
-    if not sizes or sizes != sorted(set(sizes)) or sizes[0] < 1:
+    if not sizes:
         raise click.BadParameter(f"{value!r}: give increasing batch sizes like 1,2,4,8")
-    return sizes
+    return sizes  # the rule itself (increasing, last = max_batch_size) is BatchingSettings'
+
+
 
 
 def _logging(level: str) -> None:
@@ -138,6 +140,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         num_batch_threads=num_batch_threads,
     )
     runtime = Runtime(all_sources, config=config, batching=flags, threads=threads)
+    runtime.check_settings()
     run_server(
         runtime,
         host=host or srv.host,
@@ -154,12 +157,15 @@ def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
     """A rich progress bar when rich is installed (the toolkit), else click's."""
     try:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    except ImportError:
+    except ImportError:  # the device install has no rich
         with click.progressbar(length=total, label=label, file=sys.stderr) as bar:
             yield bar.update
         return
+    from rich.console import Console
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
+    # stderr, like every other human line: `score ... > file` must not capture the bar
+    with Progress(*columns, transient=False, console=Console(stderr=True)) as progress:
         task = progress.add_task(label, total=total)
         yield lambda n: progress.advance(task, n)
 

@@ -54,7 +54,10 @@ class BatchingOverrides(_Strict):
             # those below the new max and add it.
             mx = update["max_batch_size"]
             update["allowed_batch_sizes"] = [s for s in base.allowed_batch_sizes if s < mx] + [mx]
-        return base.model_copy(update=update)
+        try:  # validated (model_copy would not): the merged settings are what the batcher trusts
+            return BatchingSettings.model_validate({**base.model_dump(), **update})
+        except ValidationError as e:
+            raise InvalidInputError(e.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
 
 class VersionPolicy(_Strict):

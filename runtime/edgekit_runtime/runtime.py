@@ -73,6 +73,7 @@ class _Entry:
     default: LoadedModel | None = None
     status: dict[int, VersionStatus] = field(default_factory=dict)
     failed: dict[int, Any] = field(default_factory=dict)
+    errors: dict[int, EdgekitError] = field(default_factory=dict)  # why each failed version failed
 
 
 class Runtime:
@@ -106,6 +107,10 @@ class Runtime:
         self._watcher: threading.Thread | None = None
         self._started = False
         self.problems: list[str] = []
+        # What each source offered at the last scan (model names), and its problems: readiness is
+        # judged per source, so a source whose only bundle is corrupt keeps the server unready.
+        self._offers: dict[Path, set[str]] = {}
+        self._source_problems: dict[Path, list[str]] = {}
         for s in sources:
             self.add_source(s)
 
@@ -137,6 +142,29 @@ class Runtime:
             self.get(name)  # raises UnavailableError naming why the model is not serving
         return names
 
+    def check_settings(self) -> None:
+        """Work out every offered version's effective settings now (profile < config < flags), so a
+        bad flag or config key is an InvalidInputError at start, not a version that never loads.
+        Unreadable bundles are left to loading, which reports them per version."""
+        for src in self._sources:
+            for cand in scan_source(src)[0]:
+                try:
+                    manifest = cand.manifest()
+                except (OSError, BundleError):
+                    continue
+                try:
+                    runtime_settings(
+                        manifest.profile.runtime, self.config, cand.name, flags=self._flags, threads=self._threads
+                    )
+                except InvalidInputError as e:
+                    msg = (
+                        f"model {cand.name!r} v{cand.version} ({cand.origin}): {e.message}; its profile has "
+                        f"max_batch_size {manifest.profile.runtime.batching.max_batch_size} and allowed_batch_sizes "
+                        f"{manifest.profile.runtime.batching.allowed_batch_sizes}: adjust --max-batch-size / "
+                        "--allowed-batch-sizes or the config file to match"
+                    )
+                    raise InvalidInputError(msg) from None
+
     def refresh(self) -> None:
         """Scan the sources once: load new versions, retry changed failed ones, unload what the policy drops."""
         with self._lock:
@@ -145,6 +173,8 @@ class Runtime:
             for src in self._sources:
                 found, probs = scan_source(src)
                 problems += probs
+                self._offers[src] = {c.name for c in found}
+                self._source_problems[src] = probs
                 for c in found:
                     offered.setdefault(c.name, {}).setdefault(c.version, c)
             for p in problems:
@@ -207,8 +237,10 @@ class Runtime:
                 bundle, settings, origin=cand.origin, key=cand.key, metrics=self.metrics.for_model(m.name, v)
             )
         except Exception as e:  # noqa: BLE001 - any failure of one version must leave the rest serving
-            message = e.message if isinstance(e, EdgekitError) else f"{type(e).__name__}: {e}"
+            err = e if isinstance(e, EdgekitError) else EdgekitError(f"{type(e).__name__}: {e}")
+            message = err.message
             entry.failed[v] = cand.key
+            entry.errors[v] = err
             entry.status[v] = VersionStatus(v, END, _error_code(e), message, cand.origin)
             log.error("%s v%d failed to load and will not serve: %s", entry.name, v, message)
             return
@@ -308,9 +340,44 @@ class Runtime:
                 raise NotFoundError(f"model {name!r} has no version {version}")
         return items
 
+    def readiness(self) -> list[str]:
+        """Why this runtime is not ready; empty when it is (Triton's strict readiness).
+
+        Ready means: the sources were scanned and loaded once, every source offers at least one
+        model, and every model offered has a version serving. A corrupt bundle, an empty store or a
+        model whose every version failed keeps the runtime unready, with the reason here."""
+        if not self._started:
+            return ["the models are still loading"]
+        reasons: list[str] = []
+        with self._lock:
+            for src in self._sources:
+                if not self._offers.get(src):
+                    probs = self._source_problems.get(src) or []
+                    reasons.append(f"{src} offers no model" + (f" ({probs[0]})" if probs else ""))
+            for entry in self._models.values():
+                if entry.default is None:
+                    reasons.append(f"model {entry.name!r} has no version ready: {self._why(entry)}")
+        return reasons
+
     def is_ready(self) -> bool:
-        """True once the sources were loaded and every model has a version serving."""
-        return self._started and all(e.default is not None for e in self._models.values())
+        """True once every source offers a model and every model has a version serving."""
+        return not self.readiness()
+
+    def startup_failure(self) -> EdgekitError | None:
+        """After the first load: the error to stop on when the sources offered versions and not one
+        of them could be served (a server that can serve nothing should say so and exit, as
+        Triton's --exit-on-error does). None while anything serves, or when the sources offer
+        nothing yet (an empty store a device waits to be filled by an update)."""
+        with self._lock:
+            if any(e.default is not None for e in self._models.values()):
+                return None
+            for entry in self._models.values():
+                for v, err in sorted(entry.errors.items(), reverse=True):
+                    return type(err)(f"nothing to serve: {entry.name} v{v} failed to load: {err.message}")
+            for src in self._sources:
+                for problem in self._source_problems.get(src, []):
+                    return BundleError(f"nothing to serve: {problem}")
+        return None
 
     def _queue_depths(self) -> list[tuple[str, str, int]]:
         return [

@@ -26,7 +26,6 @@ from edgekit_runtime.tensors import TensorSpec
 __all__ = ["read_inputs", "score", "write_outputs"]
 
 
-
 def _single(model: LoadedModel, what: str) -> TensorSpec:
     if len(model.inputs) != 1:
         msg = f"{what} holds one array but model {model.name!r} has inputs {model.describe_inputs()}; use .npz"
@@ -103,6 +102,9 @@ def score(
         msg = f"every input needs the same, non-zero number of rows; got {sorted(rows)}"
         raise InvalidInputError(msg)
     total = rows.pop()
+    for spec in model.inputs:  # the whole file's shape in errors, not one chunk's
+        if spec.name in feeds:
+            spec.check(np.asarray(feeds[spec.name]))
     b = model.settings.batching
     step = chunk or b.max_batch_size
     window = max(1, b.max_enqueued_batches * b.max_batch_size // step if b.enabled else b.max_enqueued_batches)

@@ -21,6 +21,7 @@ from edgekit_runtime.bundle import (
     Manifest,
     default_file_mode,
     fsync_dir,
+    parse_manifest,
     read_bundle,
     read_bundle_dir,
 )
@@ -96,6 +97,13 @@ class Candidate:
         path = Path(self.origin)
         return read_bundle(path) if path.is_file() else read_installed(path)
 
+    def manifest(self) -> Manifest:
+        """Only the manifest (checked), without reading the model."""
+        path = Path(self.origin)
+        if path.is_file():
+            return read_bundle(path, manifest_only=True).manifest
+        return parse_manifest((path / MANIFEST).read_bytes(), path)
+
 
 def _key(path: Path) -> tuple[str, float, int]:
     st = path.stat()
@@ -113,7 +121,7 @@ class _ManifestCache:
         hit = self._seen.get(key)
         if hit is None:
             if manifest_or_bundle.suffix == ".json":
-                m = Manifest.model_validate_json(manifest_or_bundle.read_bytes())
+                m = parse_manifest(manifest_or_bundle.read_bytes(), manifest_or_bundle.parent)
             else:
                 m = read_bundle(manifest_or_bundle).manifest
             hit = (m.name, m.version)
@@ -146,9 +154,10 @@ def scan_source(source: Path) -> tuple[list[Candidate], list[str]]:
     def add(path: Path, manifest_or_bundle: Path) -> None:
         try:
             key, name, version = _cache.ident(manifest_or_bundle)
-        except (OSError, ValueError, BundleError) as e:  # pydantic's ValidationError is a ValueError
+        except (OSError, BundleError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            problems.append(f"{path}: unreadable manifest: {first}")
+            # BundleError messages start with the path already: say it once
+            problems.append(first if first.startswith(f"{path}") else f"{path}: {first}")
             return
         found.append(Candidate(name, version, str(path), key))
 

@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from edgekit_runtime.backends import Backend
 from edgekit_runtime.batching import Batcher, batch_sizes
@@ -111,9 +112,15 @@ def test_padding_to_allowed_sizes_is_stripped() -> None:
     np.testing.assert_array_equal(out["y"], x * 2)
 
 
-def test_allowed_sizes_must_end_at_max() -> None:
-    with pytest.raises(InvalidInputError, match="max_batch_size"):
-        Batcher([FakeBackend()], settings(max_batch_size=8, allowed_batch_sizes=[2, 4]))
+@pytest.mark.parametrize("sizes", [[2, 4], [4, 2, 8], [2, 2, 8], [0, 8]])
+def test_allowed_sizes_must_increase_and_end_at_max(sizes: list[int]) -> None:
+    with pytest.raises(ValidationError, match="increase strictly and end with max_batch_size"):
+        settings(max_batch_size=8, allowed_batch_sizes=sizes)
+
+
+def test_allowed_sizes_must_fit_a_fixed_batch() -> None:
+    with pytest.raises(InvalidInputError, match="multiples of the model's fixed batch 2"):
+        Batcher([FakeBackend(fixed=2)], settings(max_batch_size=8, allowed_batch_sizes=[3, 8]))
 
 
 def test_a_failed_batch_fails_every_caller_in_it() -> None:

@@ -114,11 +114,10 @@ def test_errors_are_one_line_with_exit_codes(bundles: dict[str, Path], tmp_path:
     assert r.output.strip().startswith("Error:")
     assert len(r.output.strip().splitlines()) == 1
     bad = tmp_path / "bad.npy"
-    np.save(bad, np.zeros((3, 5), np.float32))
+    np.save(bad, np.zeros((100, 5), np.float32))
     r = CliRunner().invoke(cli, ["score", str(bundles["mlp"]), str(bad), "-o", str(tmp_path / "y.npy"), "-q"])
     assert r.exit_code == 2
-    assert "'x'" in r.output
-    assert "[-1, 4]" in r.output
+    assert "input 'x' has shape [100, 5]; expected [-1, 4]" in r.output  # the file's shape, not a chunk's
     r = CliRunner().invoke(cli, ["serve"])
     assert r.exit_code == 2
     assert "SOURCE" in r.output
@@ -127,6 +126,19 @@ def test_errors_are_one_line_with_exit_codes(bundles: dict[str, Path], tmp_path:
     r = CliRunner().invoke(cli, ["serve", str(bundles["mlp"]), "--config", str(cfg)])
     assert r.exit_code == 2
     assert "max_batch_sise" in r.output
+
+
+def test_score_progress_goes_to_stderr(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from edgekit.cli import cli as toolkit  # the toolkit has rich: its bar, not click's
+
+    src = tmp_path / "x.npy"
+    np.save(src, X)
+    for command in (cli, toolkit):
+        r = CliRunner().invoke(command, ["score", str(bundles["mlp"]), str(src), "-o", str(tmp_path / "y.npy")])
+        assert r.exit_code == 0, r.output
+        assert r.stdout == ""  # `score ... > file` captures nothing
+        assert "scoring mlp v1" in r.stderr
+        assert f"wrote {len(X)} rows of output_0" in r.stderr
 
 
 def test_score_json_summary(bundles: dict[str, Path], tmp_path: Path) -> None:

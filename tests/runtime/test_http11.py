@@ -295,7 +295,7 @@ def test_head_reply_has_no_body(port: int) -> None:
 
 def test_sigterm_finishes_and_exits_0(bundles: dict[str, Path]) -> None:
     p = free_port()
-    proc = _serve(bundles["mlp"], p)
+    proc = _serve(bundles["mlp"], p, "--log-level", "info")  # the stopping line is INFO
     try:
         wait_ready(proc, p)
         idle = connect(p)

@@ -228,3 +228,59 @@ def test_native_server_gc_settings() -> None:
         "assert gc.get_threshold()[0] == 50_000, gc.get_threshold()\n"
     )
     run_fresh(code)
+
+
+def run_serve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgekit_runtime", "serve", *args, "--poll-seconds", "0"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_settings_that_cannot_work_exit_2_before_serving(bundles: dict[str, Path]) -> None:
+    port = free_port()
+    proc = run_serve(str(bundles["two"]), "--port", str(port), "--allowed-batch-sizes", "1,2,4")
+    assert proc.returncode == 2, proc.stderr
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert line.startswith(f"Error: model 'two' v1 ({bundles['two']}): allowed_batch_sizes [1, 2, 4] must")
+    assert "end with max_batch_size (8)" in line
+    assert "--max-batch-size" in line
+
+
+def test_a_server_that_can_serve_nothing_says_why_and_exits(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.ekb"
+    corrupt.write_bytes(b"PK\x03\x04 truncated")
+    proc = run_serve(str(corrupt), "--port", str(free_port()))
+    assert proc.returncode == 5, proc.stderr
+    last = [ln for ln in proc.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith(f"Error: nothing to serve: {corrupt}: not a bundle")
+    assert last.count(str(corrupt)) == 1
+    assert "Traceback" not in proc.stderr
+
+
+def test_an_empty_store_is_live_but_not_ready(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    port = free_port()
+    proc = start_server(str(store), "--port", str(port), "--poll-seconds", "0.2")
+    try:
+        end = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, "an empty store must keep the server up, waiting for models"
+            try:
+                live = requests.get(f"http://127.0.0.1:{port}/v2/health/live", timeout=2)
+                break
+            except requests.ConnectionError:
+                assert time.monotonic() < end
+                time.sleep(0.1)
+        assert live.status_code == 200
+        ready = requests.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2)
+        assert ready.status_code == 503
+        assert ready.json() == {"ready": False}
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0].decode()
+    assert f"not ready: {store} offers no model" in out

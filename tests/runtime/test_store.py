@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from edgekit_runtime import Runtime
-from edgekit_runtime.config import Config, ModelConfig, VersionPolicy
-from edgekit_runtime.errors import BundleError, NotFoundError, UnavailableError
+from edgekit_runtime.config import BatchingOverrides, Config, ModelConfig, VersionPolicy
+from edgekit_runtime.errors import BundleError, InvalidInputError, NotFoundError, UnavailableError
 from edgekit_runtime.store import install_bundle, read_installed, scan_source
 
 X = np.random.default_rng(7).normal(size=(3, 4)).astype(np.float32)
@@ -158,3 +158,51 @@ def test_concurrent_predictions_during_swaps_never_fail(bundles: dict[str, Path]
         for t in threads:
             t.join(30)
     assert errors == []
+
+
+def test_a_source_whose_only_bundle_is_corrupt_keeps_the_runtime_unready(
+    bundles: dict[str, Path], store: Path, tmp_path: Path
+) -> None:
+    install_bundle(bundles["two"], store)
+    corrupt = tmp_path / "corrupt.ekb"
+    corrupt.write_bytes(b"not a zip")
+    with Runtime([store, corrupt]) as rt:
+        rt.refresh()
+        assert rt.get("two").version == 1  # the good source serves
+        reasons = rt.readiness()
+        assert len(reasons) == 1, reasons
+        assert reasons[0].startswith(f"{corrupt} offers no model ({corrupt}: not a bundle")
+        assert reasons[0].count(str(corrupt)) == 2  # the source, then its problem; not the path twice more
+        assert not rt.is_ready()
+        assert rt.startup_failure() is None  # something serves: keep serving, unready
+    with Runtime([store]) as rt:
+        rt.refresh()
+        assert rt.readiness() == []
+        assert rt.is_ready()
+
+
+def test_nothing_servable_is_a_startup_failure_but_an_empty_store_is_waiting(
+    bundles: dict[str, Path], store: Path, tmp_path: Path
+) -> None:
+    with Runtime([store]) as rt:
+        assert rt.readiness() == ["the models are still loading"]
+        rt.refresh()
+        assert rt.readiness() == [f"{store} offers no model"]
+        assert rt.startup_failure() is None  # an empty store waits to be filled
+    broken = install_bundle(bundles["mlp"], store)
+    (broken / "model.tflite").write_bytes(b"garbage")
+    with Runtime([store]) as rt:
+        rt.refresh()
+        err = rt.startup_failure()
+        assert isinstance(err, BundleError)
+        assert err.message.startswith("nothing to serve: mlp v1 failed to load: ")
+        assert "hash does not match" in err.message
+
+
+def test_effective_settings_are_checked_before_anything_loads(bundles: dict[str, Path]) -> None:
+    flags = BatchingOverrides(allowed_batch_sizes=[1, 2, 4])  # the bundle's max_batch_size is 8
+    rt = Runtime([bundles["two"]], batching=flags)
+    with pytest.raises(InvalidInputError, match=r"model 'two' v1 .*end with max_batch_size \(8\)"):
+        rt.check_settings()
+    fixed = BatchingOverrides(allowed_batch_sizes=[1, 2, 4], max_batch_size=4)
+    Runtime([bundles["two"]], batching=fixed).check_settings()

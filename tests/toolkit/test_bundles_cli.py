@@ -66,3 +66,10 @@ def test_bench_table_with_batch_sizes(bundles: dict[str, Path]) -> None:
     assert r.exit_code == 0, r.output
     assert "p50 ms" in r.output
     assert "rows/s" in r.output
+
+
+def test_a_missing_bundle_is_not_found_exit_3(tmp_path: Path) -> None:
+    for command in ("inspect", "bench"):
+        result = CliRunner().invoke(cli, [command, str(tmp_path / "nosuch.ekb")])
+        assert result.exit_code == 3, result.output
+        assert result.output == f"Error: {tmp_path / 'nosuch.ekb'}: no such bundle file\n"

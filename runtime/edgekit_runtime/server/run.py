@@ -18,10 +18,12 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from edgekit_runtime.config import HTTP_SERVERS
-from edgekit_runtime.errors import UnavailableError
+from edgekit_runtime.errors import EdgekitError, UnavailableError
 from edgekit_runtime.runtime import Runtime
 from edgekit_runtime.server.app import App, create_app
 from edgekit_runtime.server.http11 import HttpServer
@@ -68,12 +70,25 @@ def serve(
         raise ValueError(msg)
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
-    loader = threading.Thread(
-        target=runtime.start, kwargs={"poll_seconds": poll_seconds}, name="edgekit-load", daemon=True
-    )
+    stopper = _Stopper()
+    failure: list[EdgekitError] = []
+
+    def load() -> None:
+        runtime.start(poll_seconds=poll_seconds)
+        err = runtime.startup_failure()
+        if err is not None:
+            failure.append(err)
+            stopper.stop()
+            return
+        reasons = runtime.readiness()
+        if reasons:
+            log.warning("not ready: %s", "; ".join(reasons))
+
+    loader = threading.Thread(target=load, name="edgekit-load", daemon=True)
 
     def on_shutdown() -> None:
-        loader.join()
+        if loader.is_alive():
+            loader.join()
         runtime.close()
 
     app = create_app(runtime, max_body_bytes=max_body_bytes, on_startup=loader.start, on_shutdown=on_shutdown)
@@ -81,14 +96,39 @@ def serve(
     # default so a worker whose engine call just returned does not wait for the loop's time slice.
     sys.setswitchinterval(0.001)
     tune_gc()
-    log.warning("edgekit-runtime serving on http://%s:%d (%s HTTP server)", host, bound_port, http)
+    log.info("edgekit-runtime serving on http://%s:%d (%s HTTP server)", host, bound_port, http)
     try:
         if http == "uvicorn":
-            _run_uvicorn(app, sock, log_level)
+            _run_uvicorn(app, sock, log_level, stopper)
         else:
-            _run(_serve_native(app, sock))
+            _run(_serve_native(app, sock, stopper))
     finally:
         sock.close()
+    if failure:
+        raise failure[0]
+
+
+class _Stopper:
+    """Stops the running server from another thread (the loader, when nothing can be served)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stop: Callable[[], object] | None = None
+        self._requested = False
+
+    def attach(self, stop: Callable[[], object]) -> None:
+        with self._lock:
+            self._stop = stop
+            requested = self._requested
+        if requested:
+            stop()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._requested = True
+            stop = self._stop
+        if stop is not None:
+            stop()
 
 
 def tune_gc() -> None:
@@ -114,25 +154,26 @@ def _run(main: Any) -> None:
         asyncio.run(main)
 
 
-async def _serve_native(app: App, sock: socket.socket) -> None:
-    """Start the models' loader, serve until SIGINT/SIGTERM, finish in-flight requests, close."""
+async def _serve_native(app: App, sock: socket.socket, stopper: _Stopper) -> None:
+    """Start the models' loader, serve until SIGINT/SIGTERM (or the stopper), finish in-flight requests, close."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not on Windows / not main thread
             loop.add_signal_handler(sig, stop.set)
+    stopper.attach(partial(loop.call_soon_threadsafe, stop.set))
     server = HttpServer(app)
     app.startup()
     try:
         await server.start(sock)
         await stop.wait()
-        log.warning("edgekit-runtime stopping: finishing requests in flight")
+        log.info("edgekit-runtime stopping: finishing requests in flight")
     finally:
         await server.stop()
         await asyncio.to_thread(app.shutdown)
 
 
-def _run_uvicorn(app: App, sock: socket.socket, log_level: str) -> None:
+def _run_uvicorn(app: App, sock: socket.socket, log_level: str, stopper: _Stopper) -> None:
     import uvicorn
 
     config = uvicorn.Config(
@@ -145,4 +186,10 @@ def _run_uvicorn(app: App, sock: socket.socket, log_level: str) -> None:
         backlog=2048,
         timeout_keep_alive=30,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+
+    def stop() -> None:
+        server.should_exit = True  # uvicorn polls it on its loop
+
+    stopper.attach(stop)
+    server.run(sockets=[sock])
