@@ -14,13 +14,16 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from edgekit_runtime import __version__
 from edgekit_runtime.config import HTTP_SERVERS, BatchingOverrides, Config, load_config
 from edgekit_runtime.errors import EdgekitError, InvalidInputError
+
+if TYPE_CHECKING:
+    from edgekit_runtime.signing import PublicKey
 
 __all__ = ["COMMANDS", "ErrorMappingGroup", "main", "score", "serve"]
 
@@ -71,6 +74,15 @@ def _logging(level: str) -> None:
     )
 
 
+_trust_key_option = click.option(
+    "--trust-key",
+    "trust_keys",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="use only bundles signed by this public key (repeat for several; see docs/signing.md)",
+)
+
+
 @click.command()
 @click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--host", default=None, help="address to listen on  [default: 127.0.0.1]")
@@ -90,6 +102,7 @@ def _logging(level: str) -> None:
     "--poll-seconds", type=click.FloatRange(min=0), help="watch sources for new versions; 0 = off  [default: 2]"
 )
 @click.option("--log-level", type=click.Choice(_LOG_LEVELS, case_sensitive=False), default=None, help="[default: info]")
+@_trust_key_option
 @click.option(
     "--http",
     "http_server",
@@ -113,6 +126,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     max_body_mb: float | None,
     poll_seconds: float | None,
     log_level: str | None,
+    trust_keys: tuple[Path, ...],
     http_server: str,
 ) -> None:
     """Serve model bundles over HTTP (TF Serving REST and Open Inference Protocol v2) with batching.
@@ -139,7 +153,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         max_enqueued_batches=max_enqueued_batches,
         num_batch_threads=num_batch_threads,
     )
-    runtime = Runtime(all_sources, config=config, batching=flags, threads=threads)
+    runtime = Runtime(all_sources, config=config, batching=flags, threads=threads, trusted_keys=_trusted(trust_keys))
     runtime.check_settings()
     run_server(
         runtime,
@@ -150,6 +164,13 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         log_level=level,
         http=http_server,
     )
+
+
+def _trusted(paths: tuple[Path, ...]) -> list[PublicKey] | None:
+    """The public keys of --trust-key, read at start so a bad key file is a clear error at once."""
+    from edgekit_runtime.signing import load_public_key
+
+    return [load_public_key(p) for p in paths] if paths else None
 
 
 @contextmanager
@@ -180,6 +201,7 @@ def _progress(total: int, label: str) -> Iterator[Callable[[int], None]]:
 @click.option("--threads", type=click.IntRange(min=0), help="engine threads per worker (0 = engine default)")
 @click.option("--quiet", "-q", is_flag=True, help="no progress bar")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary on stdout (implies --quiet)")
+@_trust_key_option
 def score(  # noqa: PLR0917 - click passes every option as an argument
     bundle: Path,
     input_path: Path,
@@ -190,6 +212,7 @@ def score(  # noqa: PLR0917 - click passes every option as an argument
     threads: int | None,
     quiet: bool,
     as_json: bool,
+    trust_keys: tuple[Path, ...],
 ) -> None:
     """Score INPUT (.npy, .npz, .csv or a folder of images) with BUNDLE; write outputs to -o (.npy/.npz/.csv).
 
@@ -206,7 +229,7 @@ def score(  # noqa: PLR0917 - click passes every option as an argument
     flags = BatchingOverrides(
         max_batch_size=max_batch_size, num_batch_threads=num_batch_threads, batch_timeout_micros=0
     )
-    with Runtime(batching=flags, threads=threads) as rt:
+    with Runtime(batching=flags, threads=threads, trusted_keys=_trusted(trust_keys)) as rt:
         names = rt.load(bundle)
         if model_name is None:
             if len(names) != 1:

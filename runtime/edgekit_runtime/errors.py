@@ -52,6 +52,12 @@ class BundleError(EdgekitError):
     exit_code = 5
 
 
+class SignatureError(BundleError):
+    """A bundle that is unsigned, signed by a key not trusted here, or changed after signing."""
+
+    exit_code = 9
+
+
 class BackendError(EdgekitError):
     """The inference engine failed to load or run a model."""
 

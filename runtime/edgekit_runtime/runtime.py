@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +33,7 @@ from edgekit_runtime.errors import (
 )
 from edgekit_runtime.metrics import Metrics
 from edgekit_runtime.model import LoadedModel
+from edgekit_runtime.signing import PublicKey, verify_bundle
 from edgekit_runtime.store import Candidate, scan_source
 
 __all__ = ["Runtime", "VersionStatus"]
@@ -44,7 +45,7 @@ START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UN
 
 
 def _error_code(e: BaseException) -> str:
-    if isinstance(e, SmokeTestError | BundleError):
+    if isinstance(e, SmokeTestError | BundleError):  # a SignatureError is a BundleError
         return "FAILED_PRECONDITION"
     if isinstance(e, InvalidInputError):
         return "INVALID_ARGUMENT"
@@ -84,6 +85,8 @@ class Runtime:
         batching: batching overrides applied to every model last (the CLI flags).
         threads: engine threads for every model (overrides profile and config).
         metrics: where to count requests and batches; a fresh registry by default.
+        trusted_keys: when given, only versions signed by one of these keys load, however they
+            reached the sources (an update, a file drop, the API); None = signatures not checked.
     """
 
     def __init__(
@@ -94,8 +97,10 @@ class Runtime:
         batching: BatchingOverrides | None = None,
         threads: int | None = None,
         metrics: Metrics | None = None,
+        trusted_keys: Sequence[PublicKey] | None = None,
     ) -> None:
         self.config = config or Config()
+        self._trusted = list(trusted_keys) if trusted_keys is not None else None
         self._flags = batching
         self._threads = threads
         self.metrics = metrics or Metrics()
@@ -230,6 +235,9 @@ class Runtime:
             if (m.name, m.version) != (entry.name, v):
                 msg = f"{cand.origin}: changed while loading (now {m.name} v{m.version})"
                 raise BundleError(msg)
+            signed = ""
+            if self._trusted is not None:
+                signed = f"; signed by {verify_bundle(bundle, self._trusted, cand.origin).id}"
             settings = runtime_settings(
                 m.profile.runtime, self.config, m.name, flags=self._flags, threads=self._threads
             )
@@ -247,7 +255,7 @@ class Runtime:
         versions = {**entry.versions, v: lm}
         entry.versions = versions
         entry.default = versions[max(versions)]  # the switch: one reference assignment
-        detail = lm.smoke + "".join(f"; {n}" for n in lm.notes)
+        detail = lm.smoke + signed + "".join(f"; {n}" for n in lm.notes)
         entry.status[v] = VersionStatus(v, AVAILABLE, origin=cand.origin, detail=detail)
         b = settings.batching
         log.info(

@@ -27,7 +27,6 @@ def serve_block() -> str:
 
 def digits_bundle(path: Path) -> Path:
     """digits: float32[-1, 64] -> softmax(x W) over 10 classes (onnx.helper; no TensorFlow)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32) / 16
