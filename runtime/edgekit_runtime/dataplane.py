@@ -7,6 +7,8 @@ The HTTP adapters (``server/v1.py``, ``server/v2.py``) only decode their wire fo
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from edgekit_runtime import __version__
@@ -24,7 +26,8 @@ EXTENSIONS = ["binary_tensor_data", "model_repository"]
 def parse_version(version: str | None) -> int | None:
     if version is None:
         return None
-    if not version.isdigit() or int(version) < 1:
+    # str.isdigit() also takes digits like '¹' that int() refuses, and int() takes '1_0' and ' 1'
+    if not (version.isascii() and version.isdigit()) or len(version) > 18 or int(version) < 1:
         msg = f"version {version!r} does not exist: versions are positive integers"
         raise NotFoundError(msg)
     return int(version)
@@ -44,7 +47,7 @@ class DataPlane:
         return self.runtime.get(name, parse_version(version))
 
     async def infer(self, model: LoadedModel, feeds: dict[str, Any], *, pinned: bool = False) -> Outputs:
-        """Run one request's rows through the model's batcher; counts requests, errors and latency."""
+        """Run one request's rows through the model's batcher, timing it (see ``counted`` for the counts)."""
         m = model.metrics
         start = time.perf_counter()
         try:
@@ -54,20 +57,24 @@ class DataPlane:
                 # The version was swapped out between lookup and enqueue: the new one answers.
                 model = self.runtime.get(model.name, model.version if pinned else None)
                 return await model.infer_async(feeds)
-        except EdgekitError as e:
+        finally:
             if m is not None:
-                m.errors_by_code(e.http_status).inc()
+                m.latency.observe(time.perf_counter() - start)
+
+    @contextmanager
+    def counted(self, model: LoadedModel) -> Iterator[None]:
+        """Count one request to ``model`` (decoding, inference and encoding) and, if it fails, its
+        HTTP status: an EdgekitError's own, 500 for anything else (a bug, which must show up too)."""
+        m = model.metrics
+        try:
+            yield
+        except Exception as e:
+            if m is not None:
+                m.errors_by_code(e.http_status if isinstance(e, EdgekitError) else 500).inc()
             raise
         finally:
             if m is not None:
                 m.requests.inc()
-                m.latency.observe(time.perf_counter() - start)
-
-    def count_error(self, model: LoadedModel, error: EdgekitError) -> None:
-        """Count a request that failed before inference (undecodable body, wrong input)."""
-        if model.metrics is not None:
-            model.metrics.requests.inc()
-            model.metrics.errors_by_code(error.http_status).inc()
 
     # -- health and status --------------------------------------------------------------------
 

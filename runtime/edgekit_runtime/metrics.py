@@ -70,6 +70,12 @@ class Metrics:
             [*labels, "code"],
             registry=self.registry,
         )
+        self.http_errors = Counter(
+            "edgekit_http_errors",
+            "Error replies of any route, by HTTP status and kind (the error's class; a 500's is the bug's)",
+            ["code", "kind"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "edgekit_request_latency_seconds",
             "Inference latency inside the server (decoded request to outputs)",
@@ -110,8 +116,8 @@ class Metrics:
             padding_rows=self.padding.labels(name, v),
         )
 
-    def error(self, model: str, version: str, code: int) -> None:
-        self.errors.labels(model, version, str(code)).inc()
+    def http_error(self, code: int, kind: str) -> None:
+        self.http_errors.labels(str(code), kind).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

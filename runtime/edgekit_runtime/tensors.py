@@ -123,7 +123,8 @@ def quantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     if q is None or not np.issubdtype(spec.np_dtype, np.integer) or np.issubdtype(x.dtype, np.integer):
         return x.astype(spec.np_dtype, copy=False)
     info = np.iinfo(spec.np_dtype)
-    scaled = np.round(x.astype(np.float32) / q.scale[0]) + q.zero_point[0]
+    with np.errstate(over="ignore"):  # values beyond float32 saturate like any other out-of-range value
+        scaled = np.round(x.astype(np.float32) / q.scale[0]) + q.zero_point[0]
     out: np.ndarray = np.clip(scaled, info.min, info.max).astype(spec.np_dtype)
     return out
 
@@ -136,26 +137,121 @@ def dequantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     return (x.astype(np.float32) - q.zero_point[0]) * np.float32(q.scale[0])
 
 
+def _out_of_range(name: str, label: str, dtype: np.dtype[Any], value: Any) -> InvalidInputError:
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        bounds = f"integers in [{info.min}, {info.max}]"
+    else:
+        bounds = f"numbers within +-{float(np.finfo(dtype).max):.6g} (or NaN, Infinity)"
+    shown = str(value)
+    shown = shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} digits)"
+    return InvalidInputError(f"input {name!r}: {label} values must be {bounds}; got {shown}")
+
+
+def _int_range(value: np.ndarray, dtype: np.dtype[Any], name: str, label: str) -> None:
+    info = np.iinfo(dtype)
+    if value.size:
+        lo, hi = value.min(), value.max()
+        if lo < info.min:
+            raise _out_of_range(name, label, dtype, lo)
+        if hi > info.max:
+            raise _out_of_range(name, label, dtype, hi)
+
+
 def coerce_input(value: np.ndarray, spec: TensorSpec) -> np.ndarray:
     """Bring a client's array to the dtype the model wants: quantize floats for integer inputs,
     cast between numeric kinds only where no information is lost silently; else InvalidInputError."""
     want = spec.np_dtype
     if value.dtype == want:
         return value
-    if spec.quantization is not None and np.issubdtype(value.dtype, np.floating):
+    floats = np.issubdtype(value.dtype, np.floating)
+    if floats and np.issubdtype(want, np.integer) and value.size and not np.isfinite(value).all():
+        msg = f"input {spec.name!r} expects {spec.dtype}; got NaN or infinite numbers"
+        raise InvalidInputError(msg)
+    if spec.quantization is not None and floats:
         return quantize(value, spec)
     if np.issubdtype(want, np.floating) and (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
         return value.astype(want)
     if np.issubdtype(want, np.integer) and np.issubdtype(value.dtype, np.integer):
-        info = np.iinfo(want)
-        if value.size and (value.min() < info.min or value.max() > info.max):
-            msg = f"input {spec.name!r} has values outside the range of {spec.dtype} [{info.min}, {info.max}]"
-            raise InvalidInputError(msg)
+        _int_range(value, want, spec.name, spec.dtype)
         return value.astype(want)
-    if np.issubdtype(want, np.integer) and np.issubdtype(value.dtype, np.floating):
+    if np.issubdtype(want, np.integer) and floats:
+        _int_range(value, want, spec.name, spec.dtype)  # in the float domain: a cast first would wrap
         if value.size and not np.all(np.mod(value, 1) == 0):
             msg = f"input {spec.name!r} expects {spec.dtype}; got non-integer numbers"
             raise InvalidInputError(msg)
-        return coerce_input(value.astype(np.int64), spec)
+        return value.astype(want)
     msg = f"input {spec.name!r} expects dtype {spec.dtype}; got {value.dtype}"
     raise InvalidInputError(msg)
+
+
+# -- JSON values of a declared type -------------------------------------------------------------
+
+_WANTED = {"b": "true or false", "i": "integers", "u": "integers", "f": "numbers", "O": "strings"}
+
+
+def from_json(value: Any, dtype: np.dtype[Any], name: str, label: str = "") -> np.ndarray:
+    """A JSON array (nested lists, or the numeric array of the fast JSON path) as an array of ``dtype``,
+    exactly: InvalidInputError naming the input (and ``label``, the datatype's name) when an element is
+    not of that type (BOOL takes true/false, integers take integers, floats take numbers, BYTES
+    strings) or out of its range. Nothing is truncated, wrapped, parsed from strings or saturated."""
+    label = label or dtype.name
+    if not isinstance(value, list | np.ndarray):
+        msg = f"input {name!r}: 'data' must be an array of {label} values, got {type(value).__name__}"
+        raise InvalidInputError(msg)
+    kind = dtype.kind
+    try:
+        raw = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=object if kind == "O" else None)
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
+        msg = f"input {name!r}: 'data' is not a well-formed {label} array ({e})"
+        raise InvalidInputError(msg) from None
+    if not raw.size:
+        return np.empty(raw.shape, dtype)
+    got = raw.dtype.kind
+    if kind == "O":
+        try:
+            encoded: np.ndarray = np.vectorize(_utf8, otypes=[object])(raw)
+            return encoded
+        except UnicodeEncodeError:
+            msg = f"input {name!r}: {label} 'data' holds a string that is not valid Unicode (a lone surrogate)"
+            raise InvalidInputError(msg) from None
+        except TypeError:
+            pass
+    elif got == "O" and kind in "iuf" and all(type(x) is int for x in raw.flat):
+        # integers beyond 64 bits (the stdlib parser of bodies with NaN keeps them exact)
+        big = max(raw.flat, key=abs)
+        if kind == "f" and abs(big) <= float(np.finfo(dtype).max):  # a Python int, compared exactly
+            return raw.astype(dtype)
+        raise _out_of_range(name, label, dtype, big)
+    elif kind == "b" and got == "b":
+        return raw
+    elif kind in "iu" and got in "iu":
+        _int_range(raw, dtype, name, label)
+        return raw.astype(dtype)
+    elif kind == "f" and got in "iuf":
+        with np.errstate(over="ignore"):
+            out = raw.astype(dtype)
+        if dtype.itemsize < 8 and not np.isfinite(out).all():
+            overflow = ~np.isfinite(out) & np.isfinite(raw)
+            if overflow.any():
+                raise _out_of_range(name, label, dtype, raw[overflow].flat[0])
+        return out
+    msg = f"input {name!r}: {label} 'data' must hold {_WANTED.get(kind, kind)} only; got {_describe(raw)}"
+    raise InvalidInputError(msg)
+
+
+def _utf8(x: Any) -> bytes:
+    if not isinstance(x, str):
+        raise TypeError
+    return x.encode()
+
+
+def _describe(raw: np.ndarray) -> str:
+    if raw.dtype.kind != "O":
+        return {"b": "booleans", "i": "integers", "u": "integers", "f": "floating-point numbers", "U": "strings"}.get(
+            raw.dtype.kind, str(raw.dtype)
+        )
+    for x in raw.flat:
+        if type(x) not in (int, float):
+            return "null" if x is None else type(x).__name__
+    return "mixed values"

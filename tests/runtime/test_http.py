@@ -203,10 +203,11 @@ def test_v2_infer_json(client: Client, model_files: Models) -> None:
     assert out["shape"] == [4, 3]
     assert out["datatype"] == "FP32"
     np.testing.assert_allclose(np.reshape(out["data"], (4, 3)), reference(model_files, X), atol=1e-4)
-    # nested data and FP64 data are fine too
+    # nested data is fine too; FP64 data for this FP32 input is not (v2 converts no datatypes)
     body["inputs"][0]["data"] = X.tolist()
-    body["inputs"][0]["datatype"] = "FP64"
     assert client.post("/v2/models/mlp/versions/1/infer", json=body).status_code == 200
+    body["inputs"][0]["datatype"] = "FP64"
+    assert "FP32" in error(client.post("/v2/models/mlp/versions/1/infer", json=body), 400)
 
 
 def test_v2_output_selection(client: Client) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -52,17 +53,14 @@ def wait_ready(proc: subprocess.Popen[bytes], port: int, timeout: float = 90) ->
     raise AssertionError("server did not become ready")
 
 
-@pytest.fixture(scope="module")
-def served(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
-    store = tmp_path_factory.mktemp("served-store")
-    install_bundle(bundles["mlp"], store)
+@contextlib.contextmanager
+def running_server(*args: str) -> Iterator[int]:
+    """``edgekit-runtime serve ARGS`` on a free port, ready: yields the port; stopped on exit."""
     port = free_port()
-    proc = start_server(
-        str(store), str(bundles["two"]), "--port", str(port), "--poll-seconds", "0.2", "--log-level", "warning"
-    )
+    proc = start_server(*args, "--port", str(port))
     try:
         wait_ready(proc, port)
-        yield port, store
+        yield port
     finally:
         proc.terminate()
         try:
@@ -70,6 +68,14 @@ def served(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
+    store = tmp_path_factory.mktemp("served-store")
+    install_bundle(bundles["mlp"], store)
+    with running_server(str(store), str(bundles["two"]), "--poll-seconds", "0.2", "--log-level", "warning") as port:
+        yield port, store
 
 
 def test_tritonclient_binary_by_default(served: tuple[int, Path], model_files: Models) -> None:

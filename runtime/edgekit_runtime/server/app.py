@@ -144,7 +144,7 @@ class App:
         except ClientGoneError:
             raise
         except Exception as e:  # noqa: BLE001 - every failure becomes a reply, mapped in one place
-            return error_reply(e)
+            return error_reply(e, self.runtime.metrics)
 
     async def _body(self, header: HeaderLookup, receive: Receive) -> bytes:
         limit = self.max_body_bytes

@@ -11,6 +11,7 @@ import time
 import orjson
 
 from edgekit_runtime.errors import EdgekitError, NotFoundError
+from edgekit_runtime.metrics import Metrics
 
 __all__ = ["MethodNotAllowedError", "Reply", "RouteNotFoundError", "UnimplementedError", "error_reply", "json_reply"]
 
@@ -73,7 +74,9 @@ class _Throttle:
 _throttle = _Throttle()
 
 
-def error_reply(exc: BaseException) -> Reply:
+def error_reply(exc: BaseException, metrics: Metrics | None = None) -> Reply:
+    """The reply to a failed request, counted in ``metrics`` by status and kind; a non-EdgekitError is a
+    bug: a 500 whose traceback is logged."""
     if isinstance(exc, EdgekitError):
         status, message = exc.http_status, exc.message
         if status >= 500:
@@ -81,4 +84,6 @@ def error_reply(exc: BaseException) -> Reply:
     else:
         log.error("internal error while handling a request", exc_info=exc)
         status, message = 500, f"internal error: {type(exc).__name__}: {exc}"
+    if metrics is not None:
+        metrics.http_error(status, type(exc).__name__)
     return Reply(status, orjson.dumps({"error": message}))

@@ -10,12 +10,12 @@ from typing import Any
 import numpy as np
 
 from edgekit_runtime.dataplane import DataPlane
-from edgekit_runtime.errors import EdgekitError, InvalidInputError
+from edgekit_runtime.errors import InvalidInputError
 from edgekit_runtime.model import LoadedModel
 from edgekit_runtime.runtime import VersionStatus
 from edgekit_runtime.server.errors import Reply, json_reply
 from edgekit_runtime.server.jsonutil import dumps, jsonable, loads_tensors
-from edgekit_runtime.tensors import TensorSpec
+from edgekit_runtime.tensors import TensorSpec, from_json
 
 __all__ = ["metadata", "predict", "reload", "status"]
 
@@ -126,12 +126,12 @@ def _array(value: Any, spec: TensorSpec | None, name: str, lm: LoadedModel) -> n
             arr = np.empty(_shape_of(decoded), dtype=object)
             arr[...] = decoded
             return arr
-        if spec is not None and spec.np_dtype.kind == "f":
-            return np.asarray(value, dtype=spec.np_dtype)
+        if spec is not None and spec.np_dtype.kind == "f" and isinstance(value, list | np.ndarray):
+            return from_json(value, spec.np_dtype, name)  # numbers only: no bools, strings or nulls
         arr = np.asarray(value)
     except InvalidInputError:
         raise
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
         msg = f"input {name!r} is not a well-formed array ({e}); expected {expected or lm.describe_inputs()}"
         raise InvalidInputError(msg) from None
     if arr.dtype.kind in "OUS" and (spec is None or spec.dtype != "object"):
@@ -210,10 +210,7 @@ def encode(outputs: dict[str, np.ndarray], rows_fmt: bool) -> bytes:
 
 async def predict(dp: DataPlane, name: str, version: str | None, body: bytes) -> Reply:
     lm = dp.model(name, version)
-    try:
+    with dp.counted(lm):
         feeds, rows_fmt = decode(body, lm)
-    except EdgekitError as e:
-        dp.count_error(lm, e)
-        raise
-    outputs = await dp.infer(lm, feeds, pinned=version is not None)
-    return Reply(200, encode(outputs, rows_fmt))
+        outputs = await dp.infer(lm, feeds, pinned=version is not None)
+        return Reply(200, encode(outputs, rows_fmt))

@@ -18,11 +18,11 @@ from typing import Any
 import numpy as np
 
 from edgekit_runtime.dataplane import DataPlane
-from edgekit_runtime.errors import EdgekitError, InvalidInputError
+from edgekit_runtime.errors import InvalidInputError
 from edgekit_runtime.model import LoadedModel
 from edgekit_runtime.server.errors import Reply, json_reply
 from edgekit_runtime.server.jsonutil import dumps, jsonable, loads_tensors
-from edgekit_runtime.tensors import numpy_dtype, v2_datatype
+from edgekit_runtime.tensors import TensorSpec, from_json, numpy_dtype, v2_datatype
 
 __all__ = ["HEADER_LENGTH", "infer", "model_metadata", "model_ready"]
 
@@ -68,6 +68,9 @@ async def load(dp: DataPlane, name: str) -> Reply:
 
 
 def _bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
+    if count * 4 > len(buf):  # before allocating: a claimed shape must not cost memory
+        msg = f"input {name!r}: {len(buf)} bytes of BYTES data cannot hold {count} elements (4-byte length each)"
+        raise InvalidInputError(msg)
     out = np.empty(count, dtype=object)
     pos = 0
     for i in range(count):
@@ -94,7 +97,21 @@ def _shape(raw: Any, name: str) -> list[int]:
     return raw
 
 
-def _decode_input(inp: Any, binary: memoryview, offset: int, lm: LoadedModel) -> tuple[str, np.ndarray, int]:
+def _binary(chunk: memoryview, dt: np.dtype[Any], shape: list[int], name: str) -> np.ndarray:
+    count = prod(shape)
+    if dt.kind == "O":
+        return _bytes_elements(chunk, count, name)
+    if len(chunk) != count * dt.itemsize:
+        msg = f"input {name!r}: shape {shape} of {v2_datatype(dt)} needs {count * dt.itemsize} bytes, got {len(chunk)}"
+        raise InvalidInputError(msg)
+    if dt.kind == "b" and len(chunk) and np.frombuffer(chunk, np.uint8).max() > 1:
+        msg = f"input {name!r}: BOOL binary data must be bytes 0 (false) or 1 (true)"
+        raise InvalidInputError(msg)
+    return np.frombuffer(chunk, dtype=dt if _LITTLE else dt.newbyteorder("<"))
+
+
+def _decode_input(inp: Any, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+    """One element of ``inputs``: (name, array of exactly its declared datatype and shape, next offset)."""
     if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
         msg = "each element of 'inputs' must be an object with 'name', 'shape', 'datatype' and 'data'"
         raise InvalidInputError(msg)
@@ -106,40 +123,49 @@ def _decode_input(inp: Any, binary: memoryview, offset: int, lm: LoadedModel) ->
         raise InvalidInputError(msg)
     datatype = datatype.upper()
     dt = numpy_dtype(datatype)
-    count = prod(shape)
-    params = inp.get("parameters") or {}
-    size = params.get("binary_data_size") if isinstance(params, dict) else None
+    params = inp.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        msg = f"input {name!r}: 'parameters' must be an object"
+        raise InvalidInputError(msg)
+    size = params.get("binary_data_size") if params else None
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or offset + size > len(binary):
             msg = f"input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} binary bytes left"
             raise InvalidInputError(msg)
-        chunk = binary[offset : offset + size]
+        arr = _binary(binary[offset : offset + size], dt, shape, name)
         offset += size
-        if datatype == "BYTES":
-            arr = _bytes_elements(chunk, count, name)
-        else:
-            if size != count * dt.itemsize:
-                msg = f"input {name!r}: shape {shape} of {datatype} needs {count * dt.itemsize} bytes, got {size}"
-                raise InvalidInputError(msg)
-            arr = np.frombuffer(chunk, dtype=dt if _LITTLE else dt.newbyteorder("<"))
     else:
         if "data" not in inp:
             msg = f"input {name!r} has no 'data' (and no parameters.binary_data_size)"
             raise InvalidInputError(msg)
-        data = inp["data"]
-        try:
-            if datatype == "BYTES":
-                flat = np.asarray(data, dtype=object).ravel()
-                arr = np.array([x.encode() if isinstance(x, str) else x for x in flat], dtype=object)
-            else:
-                arr = np.asarray(data, dtype=dt).ravel()
-        except (ValueError, TypeError) as e:
-            msg = f"input {name!r}: 'data' is not a well-formed {datatype} array ({e})"
-            raise InvalidInputError(msg) from None
-        if arr.size != count:
+        arr = from_json(inp["data"], dt, name, datatype).reshape(-1)
+        if arr.size != (count := prod(shape)):
             msg = f"input {name!r}: shape {shape} has {count} elements but 'data' has {arr.size}"
             raise InvalidInputError(msg)
-    return name, arr.reshape(shape), offset
+    try:
+        return name, arr.reshape(shape), offset
+    except ValueError:  # more than 64 dimensions, or a size numpy cannot index
+        msg = f"input {name!r}: shape {shape} is not a shape an array can have"
+        raise InvalidInputError(msg) from None
+
+
+def _describe(spec: TensorSpec) -> str:
+    return f"{spec.name!r} {v2_datatype(spec.dtype)} ({spec.dtype}) shape {spec.shape}"
+
+
+def _check_against_model(lm: LoadedModel, name: str, arr: np.ndarray) -> None:
+    """The declared datatype must be the model's: v2 is typed, and edgekit converts none (Triton's rule)."""
+    spec = next((s for s in lm.inputs if s.name == name), None)
+    if spec is None:
+        msg = f"model {lm.name!r} has no input {name!r}; its inputs: {', '.join(map(_describe, lm.inputs))}"
+        raise InvalidInputError(msg)
+    if arr.dtype != spec.np_dtype:
+        want = v2_datatype(spec.dtype)
+        msg = (
+            f"input {name!r} is {v2_datatype(arr.dtype)}, but model {lm.name!r} expects {_describe(spec)}; "
+            f"send {want} data (the v2 protocol converts no datatypes)"
+        )
+        raise InvalidInputError(msg)
 
 
 def decode(
@@ -157,10 +183,14 @@ def decode(
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         msg = "the body must be a JSON object with a non-empty 'inputs' list"
         raise InvalidInputError(msg)
+    if "id" in doc and not isinstance(doc["id"], str):
+        msg = f"'id' must be a string, got {type(doc['id']).__name__}"
+        raise InvalidInputError(msg)
     feeds: dict[str, np.ndarray] = {}
     offset = 0
     for inp in doc["inputs"]:
-        name, arr, offset = _decode_input(inp, binary, offset, lm)
+        name, arr, offset = _decode_input(inp, binary, offset)
+        _check_against_model(lm, name, arr)
         if name in feeds:
             msg = f"input {name!r} is given twice"
             raise InvalidInputError(msg)
@@ -233,10 +263,7 @@ def encode(
 
 async def infer(dp: DataPlane, name: str, version: str | None, body: bytes, header_length: int | None) -> Reply:
     lm = dp.model(name, version)
-    try:
+    with dp.counted(lm):
         feeds, doc, selection = decode(body, header_length, lm)
-    except EdgekitError as e:
-        dp.count_error(lm, e)
-        raise
-    outputs = await dp.infer(lm, feeds, pinned=version is not None)
-    return encode(lm, outputs, doc, selection)
+        outputs = await dp.infer(lm, feeds, pinned=version is not None)
+        return encode(lm, outputs, doc, selection)
