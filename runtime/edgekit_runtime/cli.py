@@ -23,6 +23,8 @@ from edgekit_runtime.config import HTTP_SERVERS, BatchingOverrides, Config, load
 from edgekit_runtime.errors import EdgekitError, InvalidInputError
 
 if TYPE_CHECKING:
+    from edgekit_runtime.agent import Agent
+    from edgekit_runtime.runtime import Runtime
     from edgekit_runtime.signing import PublicKey
 
 __all__ = ["COMMANDS", "ErrorMappingGroup", "main", "score", "serve"]
@@ -83,6 +85,16 @@ _trust_key_option = click.option(
 )
 
 
+def _labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in value:
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{item!r}: give KEY=VALUE, e.g. site=berlin")
+        labels[key.strip()] = val.strip()
+    return labels
+
+
 @click.command()
 @click.argument("sources", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--host", default=None, help="address to listen on  [default: 127.0.0.1]")
@@ -103,6 +115,16 @@ _trust_key_option = click.option(
 )
 @click.option("--log-level", type=click.Choice(_LOG_LEVELS, case_sensitive=False), default=None, help="[default: info]")
 @_trust_key_option
+@click.option("--broker", help="MQTT broker of the fleet, mqtt://HOST:PORT: runs the device agent (docs/ota.md)")
+@click.option("--device-id", help="this device's id on the broker (letters, digits, ._-)  [needs --broker]")
+@click.option("--profile", "device_profile", help="this device's profile name, as the hub shows it")
+@click.option("--label", "labels", multiple=True, callback=_labels, help="KEY=VALUE label of this device (repeatable)")
+@click.option("--mqtt-prefix", default="edgekit", show_default=True, help="topic prefix shared with the hub")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    help="where the agent keeps its state  [default: STORE/.edgekit-agent of the first store]",
+)
 @click.option(
     "--http",
     "http_server",
@@ -127,6 +149,12 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     poll_seconds: float | None,
     log_level: str | None,
     trust_keys: tuple[Path, ...],
+    broker: str | None,
+    device_id: str | None,
+    device_profile: str | None,
+    labels: dict[str, str],
+    mqtt_prefix: str,
+    state_dir: Path | None,
     http_server: str,
 ) -> None:
     """Serve model bundles over HTTP (TF Serving REST and Open Inference Protocol v2) with batching.
@@ -155,14 +183,68 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     )
     runtime = Runtime(all_sources, config=config, batching=flags, threads=threads, trusted_keys=_trusted(trust_keys))
     runtime.check_settings()
-    run_server(
+    agent = _agent(
         runtime,
-        host=host or srv.host,
-        port=srv.port if port is None else port,
-        max_body_bytes=int((max_body_mb or srv.max_body_mb) * (1 << 20)),
-        poll_seconds=srv.poll_seconds if poll_seconds is None else poll_seconds,
-        log_level=level,
-        http=http_server,
+        all_sources,
+        broker=broker,
+        device_id=device_id,
+        profile=device_profile,
+        labels=labels,
+        prefix=mqtt_prefix,
+        state_dir=state_dir,
+    )
+    if agent is not None:
+        agent.start()
+    try:
+        run_server(
+            runtime,
+            host=host or srv.host,
+            port=srv.port if port is None else port,
+            max_body_bytes=int((max_body_mb or srv.max_body_mb) * (1 << 20)),
+            poll_seconds=srv.poll_seconds if poll_seconds is None else poll_seconds,
+            log_level=level,
+            http=http_server,
+            on_loaded=agent.report if agent is not None else None,
+        )
+    finally:
+        if agent is not None:
+            agent.stop()
+
+
+def _agent(
+    runtime: Runtime,
+    sources: list[Path],
+    *,
+    broker: str | None,
+    device_id: str | None,
+    profile: str | None,
+    labels: dict[str, str],
+    prefix: str,
+    state_dir: Path | None,
+) -> Agent | None:
+    """The device agent when --broker is given; every setting checked before anything starts."""
+    if broker is None:
+        if device_id or profile or labels or state_dir:
+            msg = "--device-id, --profile, --label and --state-dir are the agent's: give --broker mqtt://HOST:PORT too"
+            raise InvalidInputError(msg)
+        return None
+    from edgekit_runtime.agent import Agent, parse_broker_url
+    from edgekit_runtime.agent.protocol import check_device_id, check_prefix
+
+    address = parse_broker_url(broker)
+    if not device_id:
+        msg = "--broker needs --device-id ID: the name this device has on the broker and in the hub"
+        raise InvalidInputError(msg)
+    check_device_id(device_id)
+    check_prefix(prefix)
+    if state_dir is None:
+        stores = [s for s in sources if s.is_dir()]
+        if not stores:
+            msg = "the agent keeps its state in the first store directory; give one, or --state-dir DIR"
+            raise InvalidInputError(msg)
+        state_dir = stores[0] / ".edgekit-agent"
+    return Agent(
+        runtime, address, device_id=device_id, state_dir=state_dir, profile=profile or "", labels=labels, prefix=prefix
     )
 
 

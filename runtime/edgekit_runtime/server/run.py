@@ -63,6 +63,7 @@ def serve(
     poll_seconds: float = 2.0,
     log_level: str = "info",
     http: str = "native",
+    on_loaded: Callable[[], object] | None = None,
 ) -> None:
     """Serve until interrupted: bind, start the HTTP server, load models in the background, close on exit."""
     if http not in HTTP_SERVERS:
@@ -83,6 +84,8 @@ def serve(
         reasons = runtime.readiness()
         if reasons:
             log.warning("not ready: %s", "; ".join(reasons))
+        if on_loaded is not None:
+            on_loaded()
 
     loader = threading.Thread(target=load, name="edgekit-load", daemon=True)
 
