@@ -28,12 +28,16 @@ class Mosquitto:
     """``mosquitto -c CONF`` on 127.0.0.1:PORT with persistence off (Mosquitto's default), so a
     restart loses retained messages as a real one can."""
 
-    def __init__(self, folder: Path, *, extra_conf: str = "") -> None:
+    def __init__(
+        self, folder: Path, *, extra_conf: str = "", conf: Path | None = None, port: int | None = None
+    ) -> None:
+        """``conf``: run this configuration file as it is (it must listen on ``port``)."""
         if shutil.which("mosquitto") is None:
             pytest.skip("mosquitto is not installed (apt-get install mosquitto; .ci/run does)")
         self.folder = folder
-        self.port = free_port()
+        self.port = port or free_port()
         self.extra_conf = extra_conf
+        self.conf = conf
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = folder / "mosquitto.log"
 
@@ -42,11 +46,13 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> Mosquitto:
-        conf = self.folder / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            f"log_dest stderr\n{self.extra_conf}"
-        )
+        conf = self.conf
+        if conf is None:
+            conf = self.folder / "mosquitto.conf"
+            conf.write_text(
+                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                f"log_dest stderr\n{self.extra_conf}"
+            )
         self.proc = subprocess.Popen(
             ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=self.log.open("ab")
         )

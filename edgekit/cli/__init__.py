@@ -40,11 +40,12 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from edgekit.cli import bundles, profiles, serving, signing
+    from edgekit.cli import broker, bundles, profiles, serving, signing
 
     cli.add_command(profiles.profiles)
     cli.add_command(signing.keys)
     cli.add_command(signing.sign)
+    cli.add_command(broker.broker_config)
     cli.add_command(bundles.inspect)
     cli.add_command(bundles.bench)
     for command in serving.COMMANDS:

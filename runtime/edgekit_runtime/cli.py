@@ -85,6 +85,9 @@ _trust_key_option = click.option(
 )
 
 
+_FILE = click.Path(path_type=Path, exists=True, dir_okay=False)
+
+
 def _labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for item in value:
@@ -119,6 +122,9 @@ def _labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
 @click.option("--device-id", help="this device's id on the broker (letters, digits, ._-)  [needs --broker]")
 @click.option("--profile", "device_profile", help="this device's profile name, as the hub shows it")
 @click.option("--label", "labels", multiple=True, callback=_labels, help="KEY=VALUE label of this device (repeatable)")
+@click.option("--tls-ca", type=_FILE, help="CA certificate of the broker (mqtts://)")
+@click.option("--tls-cert", type=_FILE, help="this device's certificate (edgekit broker-config writes it)")
+@click.option("--tls-key", type=_FILE, help="this device's private key")
 @click.option("--mqtt-prefix", default="edgekit", show_default=True, help="topic prefix shared with the hub")
 @click.option(
     "--state-dir",
@@ -153,6 +159,9 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     device_id: str | None,
     device_profile: str | None,
     labels: dict[str, str],
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     mqtt_prefix: str,
     state_dir: Path | None,
     http_server: str,
@@ -192,6 +201,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         labels=labels,
         prefix=mqtt_prefix,
         state_dir=state_dir,
+        tls=(tls_ca, tls_cert, tls_key),
     )
     if agent is not None:
         agent.start()
@@ -221,11 +231,12 @@ def _agent(
     labels: dict[str, str],
     prefix: str,
     state_dir: Path | None,
+    tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
 ) -> Agent | None:
     """The device agent when --broker is given; every setting checked before anything starts."""
     if broker is None:
-        if device_id or profile or labels or state_dir:
-            msg = "--device-id, --profile, --label and --state-dir are the agent's: give --broker mqtt://HOST:PORT too"
+        if device_id or profile or labels or state_dir or any(tls):
+            msg = "--device-id, --profile, --label, --state-dir and --tls-* are the agent's: give --broker too"
             raise InvalidInputError(msg)
         return None
     from edgekit_runtime.agent import Agent, parse_broker_url
@@ -243,8 +254,23 @@ def _agent(
             msg = "the agent keeps its state in the first store directory; give one, or --state-dir DIR"
             raise InvalidInputError(msg)
         state_dir = stores[0] / ".edgekit-agent"
+    ca, cert, key = tls
+    if (cert is None) != (key is None):
+        msg = "--tls-cert and --tls-key go together: the device's certificate and its private key"
+        raise InvalidInputError(msg)
     return Agent(
-        runtime, address, device_id=device_id, state_dir=state_dir, profile=profile or "", labels=labels, prefix=prefix
+        runtime,
+        address,
+        device_id=device_id,
+        state_dir=state_dir,
+        profile=profile or "",
+        labels=labels,
+        prefix=prefix,
+        link_options={
+            "tls_ca": str(ca) if ca else None,
+            "tls_cert": str(cert) if cert else None,
+            "tls_key": str(key) if key else None,
+        },
     )
 
 
