@@ -152,10 +152,27 @@ def _int_range(value: np.ndarray, dtype: np.dtype[Any], name: str, label: str) -
     info = np.iinfo(dtype)
     if value.size:
         lo, hi = value.min(), value.max()
+        # max + 1 and min are powers of two, exact as floats too (float(2**63 - 1) rounds up to 2**63)
         if lo < info.min:
             raise _out_of_range(name, label, dtype, lo)
-        if hi > info.max:
+        if hi >= info.max + 1 if value.dtype.kind == "f" else hi > info.max:
             raise _out_of_range(name, label, dtype, hi)
+
+
+def _integers(value: np.ndarray, dtype: np.dtype[Any], name: str, label: str) -> np.ndarray:
+    """Integers, or floats with integral values (JSON does not tell 1 from 1.0), within ``dtype``'s
+    range -> ``dtype``; InvalidInputError otherwise. Checked before the cast, which would wrap."""
+    if value.dtype.kind == "f" and value.size:
+        if not np.isfinite(value).all():
+            msg = f"input {name!r}: {label} values must be integers; got NaN or infinite numbers"
+            raise InvalidInputError(msg)
+        _int_range(value, dtype, name, label)
+        if not np.all(np.mod(value, 1) == 0):
+            msg = f"input {name!r}: {label} values must be integers; got non-integer numbers"
+            raise InvalidInputError(msg)
+    else:
+        _int_range(value, dtype, name, label)
+    return value.astype(dtype)
 
 
 def coerce_input(value: np.ndarray, spec: TensorSpec) -> np.ndarray:
@@ -165,22 +182,15 @@ def coerce_input(value: np.ndarray, spec: TensorSpec) -> np.ndarray:
     if value.dtype == want:
         return value
     floats = np.issubdtype(value.dtype, np.floating)
-    if floats and np.issubdtype(want, np.integer) and value.size and not np.isfinite(value).all():
-        msg = f"input {spec.name!r} expects {spec.dtype}; got NaN or infinite numbers"
-        raise InvalidInputError(msg)
     if spec.quantization is not None and floats:
+        if value.size and not np.isfinite(value).all():
+            msg = f"input {spec.name!r}: a quantized {spec.dtype} input takes finite numbers; got NaN or infinite"
+            raise InvalidInputError(msg)
         return quantize(value, spec)
     if np.issubdtype(want, np.floating) and (np.issubdtype(value.dtype, np.number) or value.dtype == np.bool_):
         return value.astype(want)
-    if np.issubdtype(want, np.integer) and np.issubdtype(value.dtype, np.integer):
-        _int_range(value, want, spec.name, spec.dtype)
-        return value.astype(want)
-    if np.issubdtype(want, np.integer) and floats:
-        _int_range(value, want, spec.name, spec.dtype)  # in the float domain: a cast first would wrap
-        if value.size and not np.all(np.mod(value, 1) == 0):
-            msg = f"input {spec.name!r} expects {spec.dtype}; got non-integer numbers"
-            raise InvalidInputError(msg)
-        return value.astype(want)
+    if np.issubdtype(want, np.integer) and (floats or np.issubdtype(value.dtype, np.integer)):
+        return _integers(value, want, spec.name, spec.dtype)
     msg = f"input {spec.name!r} expects dtype {spec.dtype}; got {value.dtype}"
     raise InvalidInputError(msg)
 
@@ -194,7 +204,8 @@ def from_json(value: Any, dtype: np.dtype[Any], name: str, label: str = "") -> n
     """A JSON array (nested lists, or the numeric array of the fast JSON path) as an array of ``dtype``,
     exactly: InvalidInputError naming the input (and ``label``, the datatype's name) when an element is
     not of that type (BOOL takes true/false, integers take integers, floats take numbers, BYTES
-    strings) or out of its range. Nothing is truncated, wrapped, parsed from strings or saturated."""
+    strings) or out of its range. Nothing is truncated, wrapped, parsed from strings or saturated; the
+    only conversion is the exact one JSON itself implies (1.0 is the integer 1)."""
     label = label or dtype.name
     if not isinstance(value, list | np.ndarray):
         msg = f"input {name!r}: 'data' must be an array of {label} values, got {type(value).__name__}"
@@ -225,9 +236,8 @@ def from_json(value: Any, dtype: np.dtype[Any], name: str, label: str = "") -> n
         raise _out_of_range(name, label, dtype, big)
     elif kind == "b" and got == "b":
         return raw
-    elif kind in "iu" and got in "iu":
-        _int_range(raw, dtype, name, label)
-        return raw.astype(dtype)
+    elif kind in "iu" and got in "iuf":
+        return _integers(raw, dtype, name, label)
     elif kind == "f" and got in "iuf":
         with np.errstate(over="ignore"):
             out = raw.astype(dtype)

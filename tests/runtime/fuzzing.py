@@ -6,7 +6,11 @@ fuzzers and the datatype tests reach every datatype's decoding, not only FP32 an
 
 from __future__ import annotations
 
+import collections
 import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +107,89 @@ def sample(datatype: str, rows: int = 1) -> np.ndarray:
     if dt.kind == "b":
         return np.tile(np.array([True, False]), (rows, 1))
     return np.arange(rows * 2).reshape(rows, 2).astype(dt)
+
+
+# -- schemathesis over a real socket -------------------------------------------------------------
+
+
+@dataclass
+class FuzzResult:
+    """What one schemathesis run did: its exit code and output, and every reply it recorded."""
+
+    returncode: int
+    output: str
+    statuses: collections.Counter[int] = field(default_factory=collections.Counter)
+    # (operation, status) -> count
+    by_operation: collections.Counter[tuple[str, int]] = field(default_factory=collections.Counter)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.statuses.values())
+
+    def summary(self) -> str:
+        by_status = ", ".join(f"{code}: {n}" for code, n in sorted(self.statuses.items()))
+        return f"{self.requests} requests; by status: {by_status}; {len(self.problems)} problem replies"
+
+
+def _operation(method: str, url: str) -> str:
+    path = url.split("://", 1)[-1].partition("/")[2]
+    return f"{method} /{path.split('?')[0]}"
+
+
+def run_schemathesis(
+    base_url: str,
+    har: Path,
+    *,
+    seed: int,
+    max_examples: int | None = None,
+    max_time: float | None = None,
+    timeout: float = 900,
+) -> FuzzResult:
+    """``st run`` (every phase: examples, coverage, fuzzing, stateful) against the server's own
+    document at ``base_url``/openapi.json, one worker, a reply over 30 s counting as a hang; then every
+    reply in its HAR log is checked with ``reply_problem``."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{base_url}/openapi.json",
+        "--seed",
+        str(seed),
+        "--workers",
+        "1",
+        "--checks",
+        "not_a_server_error",
+        "--request-timeout",
+        "30",
+        "--generation-database",
+        "none",
+        "--report",
+        "har",
+        "--report-har-path",
+        str(har),
+        "--no-color",
+    ]
+    if max_examples is not None:
+        cmd += ["--max-examples", str(max_examples)]
+    if max_time is not None:
+        cmd += ["--max-time", str(max(1, round(max_time)))]
+    # in the HAR's folder: schemathesis keeps a cache folder (.schemathesis) in its working directory
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, cwd=har.parent)
+    result = FuzzResult(proc.returncode, proc.stdout + proc.stderr)
+    for entry in json.loads(har.read_text())["log"]["entries"]:
+        req, resp = entry["request"], entry["response"]
+        status = int(resp["status"])
+        result.statuses[status] += 1
+        op = _operation(req["method"], req["url"])
+        result.by_operation[op, status] += 1
+        content = resp.get("content", {})
+        problem = (
+            reply_problem(status, content.get("mimeType", ""), content.get("text", "").encode())
+            if status >= 100
+            else "no reply (connection refused or reset, or a timeout)"
+        )
+        if problem is not None:
+            result.problems.append(f"{op}: {problem}")
+    return result

@@ -17,6 +17,7 @@ from edgekit_runtime.tensors import QuantParams, TensorSpec, coerce_input, from_
     [
         ([[1, 2], [3, 4]], "int8", np.array([[1, 2], [3, 4]], np.int8)),
         ([1, 2.5], "float32", np.array([1, 2.5], np.float32)),
+        ([1.0, -2.0], "int16", np.array([1, -2], np.int16)),  # JSON does not tell 1 from 1.0
         ([True, False], "bool", np.array([True, False])),
         (["a", "é"], "object", np.array([b"a", "é".encode()], object)),
         ([], "int8", np.zeros(0, np.int8)),
@@ -37,9 +38,12 @@ def test_from_json_is_exact(value: Any, dtype: str, expected: np.ndarray) -> Non
     [
         ([200], "int8", "[-128, 127]"),
         ([2**64], "uint64", "[0, 18446744073709551615]"),
+        ([2.0**63], "int64", "[-9223372036854775808, 9223372036854775807]"),  # == float(2**63 - 1)
+        ([2.0**64], "uint64", "[0, 18446744073709551615]"),
         ([10**400], "float64", "numbers within"),
         ([1e39], "float32", "numbers within"),
-        ([1.5], "int8", "floating-point"),
+        ([1.5], "int8", "non-integer"),
+        ([float("inf")], "int8", "NaN or infinite"),
         ([1, 0], "bool", "true or false"),
         (["1"], "float32", "strings"),
         ([None], "float32", "null"),

@@ -195,7 +195,7 @@ class App:
             return Reply(200, self.runtime.metrics.render(), CONTENT_TYPE.encode())
         if path == "/openapi.json":
             _method(method, "GET")
-            return json_reply(openapi())
+            return json_reply(openapi(self.dp))
         if path == "/v2/repository/index":
             _method(method, "POST", "GET")
             return json_reply(dp.repository_index())

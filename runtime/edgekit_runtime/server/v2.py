@@ -90,11 +90,18 @@ def _bytes_elements(buf: memoryview, count: int, name: str) -> np.ndarray:
     return out
 
 
+def _dim(d: Any) -> int | None:
+    if isinstance(d, float) and d.is_integer():
+        d = int(d)  # 2.0 is the integer 2 in JSON (and in JSON Schema, hence in the OpenAPI document)
+    return d if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else None
+
+
 def _shape(raw: Any, name: str) -> list[int]:
-    if not isinstance(raw, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in raw):
+    dims = [_dim(d) for d in raw] if isinstance(raw, list) else [None]
+    if None in dims:
         msg = f"input {name!r}: 'shape' must be a list of non-negative integers, got {raw!r}"
         raise InvalidInputError(msg)
-    return raw
+    return dims  # type: ignore[return-value]  # no None left
 
 
 def _binary(chunk: memoryview, dt: np.dtype[Any], shape: list[int], name: str) -> np.ndarray:
