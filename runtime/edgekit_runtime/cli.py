@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = ["COMMANDS", "ErrorMappingGroup", "main", "score", "serve"]
 
+log = logging.getLogger("edgekit_runtime.cli")
+
 _LOG_LEVELS = ["critical", "error", "warning", "info", "debug"]
 
 
@@ -190,7 +192,8 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         max_enqueued_batches=max_enqueued_batches,
         num_batch_threads=num_batch_threads,
     )
-    runtime = Runtime(all_sources, config=config, batching=flags, threads=threads, trusted_keys=_trusted(trust_keys))
+    runtime_keys = _trusted(trust_keys)
+    runtime = Runtime(all_sources, config=config, batching=flags, threads=threads, trusted_keys=runtime_keys)
     runtime.check_settings()
     agent = _agent(
         runtime,
@@ -202,6 +205,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         prefix=mqtt_prefix,
         state_dir=state_dir,
         tls=(tls_ca, tls_cert, tls_key),
+        trusted_keys=runtime_keys,
     )
     if agent is not None:
         agent.start()
@@ -214,7 +218,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
             poll_seconds=srv.poll_seconds if poll_seconds is None else poll_seconds,
             log_level=level,
             http=http_server,
-            on_loaded=agent.report if agent is not None else None,
+            on_loaded=agent.loaded if agent is not None else None,
         )
     finally:
         if agent is not None:
@@ -232,6 +236,7 @@ def _agent(
     prefix: str,
     state_dir: Path | None,
     tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
+    trusted_keys: list[PublicKey] | None = None,
 ) -> Agent | None:
     """The device agent when --broker is given; every setting checked before anything starts."""
     if broker is None:
@@ -248,12 +253,14 @@ def _agent(
         raise InvalidInputError(msg)
     check_device_id(device_id)
     check_prefix(prefix)
+    stores = [s for s in sources if s.is_dir()]
     if state_dir is None:
-        stores = [s for s in sources if s.is_dir()]
         if not stores:
             msg = "the agent keeps its state in the first store directory; give one, or --state-dir DIR"
             raise InvalidInputError(msg)
         state_dir = stores[0] / ".edgekit-agent"
+    if stores and trusted_keys is None:
+        log.warning("the agent installs updates without --trust-key: any bundle the broker delivers would run")
     ca, cert, key = tls
     if (cert is None) != (key is None):
         msg = "--tls-cert and --tls-key go together: the device's certificate and its private key"
@@ -266,6 +273,8 @@ def _agent(
         profile=profile or "",
         labels=labels,
         prefix=prefix,
+        store=stores[0] if stores else None,
+        trusted_keys=trusted_keys,
         link_options={
             "tls_ca": str(ca) if ca else None,
             "tls_cert": str(cert) if cert else None,

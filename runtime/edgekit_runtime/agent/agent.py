@@ -1,12 +1,14 @@
-"""The device agent: the serving process's presence and reported state on MQTT, and the hub's desired
-state received, checked and kept on disk.
+"""The device agent: the serving process's presence and reported state on MQTT, the hub's desired
+state received, checked and kept on disk, and the updates it asks for (``update.py``).
 
-This is the first slice of the Update issue's agent. Built: identity (device id, profile, labels),
-retained presence with a last will, retained reported state (every model's active and loaded
-versions, from the Runtime) republished on every reconnect, desired state decoded, de-duplicated by
-generation and persisted. Not built yet: acting on desired state (chunked download, verification,
-install, smoke test, switch, health window, rollback). A desired version the device does not run
-is reported as ``pending`` with that reason, so a hub never mistakes it for progress.
+Built: identity (device id, profile, labels), retained presence with a last will, retained
+reported state republished on every reconnect, desired state decoded, de-duplicated by generation
+and persisted, and per model an update job: chunked download (resumable across restarts),
+verification, install, golden-sample test by loading it, switch or refusal. Not built yet: the
+health window after the switch, shadow checks, and going back to the previous version on request.
+
+Threads: paho's callbacks only decode and enqueue; one worker thread runs the jobs (downloads,
+installs, model loads), so a slow install never stalls the MQTT connection's keep-alive.
 """
 
 from __future__ import annotations
@@ -14,14 +16,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from edgekit_runtime import __version__
 from edgekit_runtime.agent.link import BrokerAddress, Link
 from edgekit_runtime.agent.protocol import (
+    ChunkRequest,
     Desired,
     Presence,
     ProtocolError,
@@ -29,16 +34,19 @@ from edgekit_runtime.agent.protocol import (
     ReportedModel,
     Topics,
     decode,
+    decode_chunk,
     encode,
 )
+from edgekit_runtime.agent.update import ACTIVE_STATES, FAILED, Job, Updater
 from edgekit_runtime.bundle import fsync_dir
 from edgekit_runtime.runtime import AVAILABLE, Runtime
+from edgekit_runtime.signing import PublicKey
 
 __all__ = ["Agent", "AgentState"]
 
 log = logging.getLogger("edgekit_runtime.agent")
 
-NOT_BUILT = "over-the-air install is not built in this runtime yet: install the bundle into the store by hand"
+NO_STORE = "this device serves no store directory it could install into (give a STORE to serve)"
 
 
 class AgentState:
@@ -50,6 +58,7 @@ class AgentState:
         self.path = folder / "agent.json"
         self.seq = 0
         self.desired: Desired | None = None
+        self.jobs: dict[str, Job] = {}
         self._load()
 
     def _load(self) -> None:
@@ -61,6 +70,7 @@ class AgentState:
             log.warning("agent state %s unreadable (%s); starting afresh", self.path, e)
             return
         self.seq = int(raw.get("seq", 0))
+        self.jobs = Updater.restore(raw.get("jobs") or {})
         if raw.get("desired") is not None:
             try:
                 self.desired = Desired.model_validate(raw["desired"])
@@ -72,6 +82,7 @@ class AgentState:
         doc: dict[str, Any] = {
             "seq": self.seq,
             "desired": self.desired.model_dump(mode="json", by_alias=True) if self.desired else None,
+            "jobs": {m: j.to_dict() for m, j in self.jobs.items()},
         }
         fd, tmp = tempfile.mkstemp(prefix=".agent.", suffix=".part", dir=self.folder)
         try:
@@ -106,6 +117,8 @@ class Agent:
         labels: dict[str, str] | None = None,
         prefix: str = "edgekit",
         link_options: dict[str, Any] | None = None,
+        store: Path | None = None,
+        trusted_keys: list[PublicKey] | None = None,
     ) -> None:
         self.runtime = runtime
         self.topics = Topics(prefix, device_id)
@@ -113,8 +126,18 @@ class Agent:
         self.profile = profile
         self.labels = dict(labels or {})
         self.state = AgentState(state_dir)
+        self.updater: Updater | None = None
+        if store is not None:
+            downloads = state_dir / "downloads"
+            self.updater = Updater(
+                runtime, store, downloads, profile=profile, trusted_keys=trusted_keys, jobs=self.state.jobs
+            )
         self.protocol_errors = 0
         self._lock = threading.Lock()
+        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._last_report = 0.0
         offline = encode(Presence(online=False, device=device_id, profile=profile, labels=self.labels))
         self.link = Link(
             broker,
@@ -124,13 +147,63 @@ class Agent:
             **(link_options or {}),
         )
         self.link.subscribe(self.topics.desired, self._on_desired)
+        self.link.subscribe(self.topics.chunks_data, self._on_chunk)
 
     def start(self) -> None:
+        self._worker = threading.Thread(target=self._work, name="edgekit-agent", daemon=True)
+        self._worker.start()
         self.link.start()
 
+    def loaded(self) -> None:
+        """The runtime finished its first load: resume interrupted updates, then report."""
+        self._events.put(("loaded", None))
+
     def stop(self) -> None:
+        self._stopping.set()
+        self._events.put(("stop", None))
+        if self._worker is not None:
+            self._worker.join(30)
         offline = Presence(online=False, device=self.device_id, profile=self.profile, labels=self.labels)
         self.link.stop(final=(self.topics.presence, encode(offline)))
+
+    # -- the worker ---------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            try:
+                kind, item = self._events.get(timeout=1.0)
+            except queue.Empty:
+                kind, item = "tick", None
+            if kind == "stop":
+                return
+            try:
+                self._handle(kind, item)
+            except Exception:  # one bad event must not stop the agent
+                log.exception("agent: handling %s failed", kind)
+
+    def _handle(self, kind: str, item: Any) -> None:
+        up = self.updater
+        requests: list[ChunkRequest] = []
+        if kind == "desired":
+            self._accept(item)
+            if up is not None:
+                for name, want in item.models.items():
+                    requests += up.want(name, want)
+            self.report()
+        elif kind == "chunk" and up is not None:
+            before = {m: j.state for m, j in up.jobs.items()}
+            requests += up.chunk(item)
+            changed = before != {m: j.state for m, j in up.jobs.items()}
+            if changed or time.monotonic() - self._last_report > 1.0:  # progress, at most once a second
+                self.report()
+        elif kind == "tick" and up is not None:
+            requests += up.tick()
+        elif kind == "loaded":
+            if up is not None:
+                requests += up.resume()
+            self.report()
+        for r in requests:
+            self.link.publish(self.topics.chunks_get, encode(r))
 
     # -- what the device says -----------------------------------------------------------------
 
@@ -142,7 +215,7 @@ class Agent:
         self.report()
 
     def reported(self) -> Reported:
-        """This device's state now: every model's active and loaded versions, and desired ones pending."""
+        """This device's state now: every model's active and loaded versions, and its update jobs."""
         models: dict[str, ReportedModel] = {}
         for name in self.runtime.models():
             statuses = self.runtime.status(name)
@@ -159,16 +232,26 @@ class Agent:
                 reason="" if active is not None else (failed.error_message if failed else "no version loaded"),
             )
         desired = self.state.desired
+        jobs = self.updater.jobs if self.updater is not None else {}
         if desired is not None:
             for name, want in desired.models.items():
-                have = models.get(name)
-                if have is None or have.active != want.version:
-                    models[name] = ReportedModel(
-                        active=have.active if have else None,
-                        versions=have.versions if have else [],
-                        state="pending",
-                        reason=f"desired v{want.version}: {NOT_BUILT}",
+                have = models.get(name) or ReportedModel(state="pending", reason="not served here yet")
+                job = jobs.get(name)
+                shown = job is not None and (job.state in ACTIVE_STATES or job.state == FAILED)
+                if job is not None and shown and job.version == want.version:
+                    have = have.model_copy(
+                        update={
+                            "state": job.state,
+                            "reason": job.reason,
+                            "target": job.version,
+                            "rollout": job.rollout,
+                            "progress": self.updater.progress(name) if self.updater is not None else None,
+                        }
                     )
+                elif have.active != want.version:
+                    why = NO_STORE if self.updater is None else "waiting for the update to start"
+                    have = have.model_copy(update={"state": "pending", "reason": why, "target": want.version})
+                models[name] = have
         with self._lock:
             self.state.seq += 1
             seq = self.state.seq
@@ -176,6 +259,9 @@ class Agent:
 
     def report(self) -> None:
         reported = self.reported()
+        self._last_report = time.monotonic()
+        if self.updater is not None:
+            self.state.jobs = self.updater.jobs
         self.state.save()
         self.link.publish(self.topics.reported, encode(reported), retain=True)
 
@@ -193,6 +279,20 @@ class Agent:
         current = self.state.desired
         if current is not None and desired.generation <= current.generation:
             return  # a duplicate or an older copy (QoS 1 redelivery, a stale retained message)
+        self._events.put(("desired", desired))
+
+    def _accept(self, desired: Desired) -> None:
+        current = self.state.desired
+        if current is not None and desired.generation <= current.generation:
+            return
         self.state.desired = desired
         log.info("desired state generation %d: %s", desired.generation, dict(desired.models))
-        self.report()
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        try:
+            chunk = decode_chunk(payload, topic)
+        except ProtocolError as e:
+            self.protocol_errors += 1
+            log.warning("ignored a chunk: %s", e.message)
+            return
+        self._events.put(("chunk", chunk))

@@ -14,11 +14,14 @@ topic                                 retained   writer    payload
 ``P/devices/ID/presence``             yes        device    Presence (online; the last will says offline)
 ``P/devices/ID/reported``             yes        device    Reported (what runs, what the agent is doing)
 ``P/devices/ID/desired``              yes        hub       Desired (what should run)
+``P/devices/ID/chunks/get``           no         device    ChunkRequest (a window of chunk indexes)
+``P/devices/ID/chunks/data``          no         hub       a chunk frame (encode_chunk)
 ====================================  =========  ========  ===========================================
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
@@ -31,7 +34,11 @@ from edgekit_runtime.errors import InvalidInputError
 
 __all__ = [
     "MAX_PAYLOAD_BYTES",
+    "MAX_WINDOW",
     "SCHEMA",
+    "Artifact",
+    "Chunk",
+    "ChunkRequest",
     "Desired",
     "DesiredModel",
     "Presence",
@@ -42,12 +49,20 @@ __all__ = [
     "check_device_id",
     "check_prefix",
     "decode",
+    "decode_chunk",
     "encode",
+    "encode_chunk",
 ]
 
 SCHEMA = 1
 #: Control payloads are small; a bigger one is refused before it is parsed.
 MAX_PAYLOAD_BYTES = 256 << 10
+#: Chunk sizes a device accepts (AWS IoT's MQTT file streams allow 256 B to 128 KB blocks).
+MIN_CHUNK, DEFAULT_CHUNK, MAX_CHUNK = 1 << 10, 64 << 10, 128 << 10
+#: Chunk indexes one request may ask for: the device's one outstanding window.
+MAX_WINDOW = 16
+MAX_ARTIFACT_BYTES = 2 << 30
+_FRAME_HEADER_MAX = 4 << 10
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}$")
@@ -102,6 +117,14 @@ class Topics:
     def desired(self) -> str:
         return f"{self.base}/desired"
 
+    @property
+    def chunks_get(self) -> str:
+        return f"{self.base}/chunks/get"
+
+    @property
+    def chunks_data(self) -> str:
+        return f"{self.base}/chunks/data"
+
 
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # a newer minor sender may add fields: ignore them
@@ -118,10 +141,27 @@ class Presence(_Message):
     runtime_version: str = ""
 
 
+class Artifact(BaseModel):
+    """The bundle file a device fetches for a desired version: its hash, size and chunking."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=1, le=MAX_ARTIFACT_BYTES)
+    chunk_size: int = Field(default=DEFAULT_CHUNK, ge=MIN_CHUNK, le=MAX_CHUNK)
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+
 class DesiredModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     version: int = Field(ge=1)
+    artifact: Artifact | None = None
+    allow_signature_change: bool = False
+    rollout: str = ""
 
 
 class Desired(_Message):
@@ -139,12 +179,67 @@ class ReportedModel(BaseModel):
     versions: list[int] = Field(default_factory=list)
     state: str = "serving"
     reason: str = ""
+    target: int | None = Field(default=None, description="the version an update is bringing, if any")
+    rollout: str = ""
+    progress: dict[str, int] | None = Field(default=None, description="chunks held and chunks in all")
 
 
 class Reported(_Message):
     seq: int = Field(ge=0, description="grows with every report of this agent's process and across restarts")
     desired_generation: int | None = None
     models: dict[str, ReportedModel] = Field(default_factory=dict)
+
+
+class ChunkRequest(_Message):
+    artifact: str = Field(pattern=r"^[0-9a-f]{64}$")
+    chunk_size: int = Field(ge=MIN_CHUNK, le=MAX_CHUNK)
+    chunks: list[int] = Field(min_length=1, max_length=MAX_WINDOW)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk frame: which artifact, which index, its bytes (``error`` when the hub refuses)."""
+
+    artifact: str
+    index: int
+    data: bytes
+    error: str = ""
+
+
+def encode_chunk(artifact: str, index: int, data: bytes, *, error: str = "") -> bytes:
+    """A chunk frame: a 4-byte big-endian header length, the JSON header (schema, artifact, index,
+    the chunk's sha256, or an error), then the raw bytes: no base64, the payload is binary."""
+    header: dict[str, Any] = {"schema": SCHEMA, "artifact": artifact, "index": index}
+    if error:
+        header["error"] = error
+    else:
+        header["sha256"] = hashlib.sha256(data).hexdigest()
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    return len(raw).to_bytes(4, "big") + raw + data
+
+
+def decode_chunk(payload: bytes, topic: str = "") -> Chunk:
+    """Parse a chunk frame and check its bytes against the sha256 in its header."""
+    where = f"{topic}: " if topic else ""
+    if len(payload) < 4:
+        raise ProtocolError(f"{where}chunk frame of {len(payload)} bytes is too short")
+    n = int.from_bytes(payload[:4], "big")
+    if n > _FRAME_HEADER_MAX or 4 + n > len(payload):
+        raise ProtocolError(f"{where}chunk frame header length {n} does not fit the frame")
+    try:
+        header = json.loads(payload[4 : 4 + n])
+        artifact, index = str(header["artifact"]), int(header["index"])
+        schema = int(header.get("schema", SCHEMA))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"{where}chunk frame header unreadable ({e})") from None
+    if schema > SCHEMA:
+        raise ProtocolError(f"{where}chunk frame schema {schema} is newer than this side's ({SCHEMA})")
+    data = bytes(payload[4 + n :])
+    if header.get("error"):
+        return Chunk(artifact, index, b"", str(header["error"]))
+    if hashlib.sha256(data).hexdigest() != header.get("sha256"):
+        raise ProtocolError(f"{where}chunk {index} of {artifact[:12]} does not match its sha256 (corrupted in transit)")
+    return Chunk(artifact, index, data)
 
 
 M = TypeVar("M", bound=_Message)

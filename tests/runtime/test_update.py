@@ -1,0 +1,299 @@
+"""Over-the-air updates on the device, end to end through a real Mosquitto: a scripted hub (this
+test) publishes desired state and serves chunks from a real bundle file; the agent downloads,
+verifies, installs, smoke-tests and switches, or refuses and keeps serving. Kill -9 mid-download
+and a broker restart mid-download are survived."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edgekit_runtime import Runtime
+from edgekit_runtime.agent import Agent, Topics, parse_broker_url
+from edgekit_runtime.agent.protocol import ChunkRequest, decode, encode_chunk
+from edgekit_runtime.bundle import read_bundle
+from edgekit_runtime.signing import generate_keys, load_public_key, load_signing_key, sign_bundle
+from edgekit_runtime.store import install_bundle
+from tests.mqtt import WAIT, Mosquitto, Observer, free_port
+
+T = Topics("edgekit", "dev-1")
+CHUNK = 1024  # small chunks: a test bundle of ~10 KB spans several windows
+
+
+class ScriptedHub:
+    """What the hub does for one device: publish desired state, answer chunk requests from files."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.obs = Observer(broker, "edgekit/devices/dev-1/#")
+        self.files: dict[str, bytes] = {}
+        self.requests: list[list[int]] = []
+        self.generation = 0
+        self.pause = threading.Event()  # while set, requests are recorded but not answered
+        self._lock = threading.Lock()
+        self.obs._client.message_callback_add(T.chunks_get, self._on_get)
+
+    def _on_get(self, client: Any, userdata: object, msg: Any) -> None:
+        req = decode(ChunkRequest, bytes(msg.payload))
+        with self._lock:
+            self.requests.append(req.chunks)
+        if self.pause.is_set():
+            return
+        data = self.files.get(req.artifact)
+        for i in req.chunks:
+            if data is None:
+                frame = encode_chunk(req.artifact, i, b"", error="unknown artifact")
+            else:
+                frame = encode_chunk(req.artifact, i, data[i * req.chunk_size : (i + 1) * req.chunk_size])
+            client.publish(T.chunks_data, frame, qos=1)
+
+    def deploy(self, model: str, version: int, bundle: Path, **extra: Any) -> None:
+        data = bundle.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
+        self.files[sha] = data
+        self.generation += 1
+        artifact = {"sha256": sha, "size": len(data), "chunk_size": CHUNK}
+        desired = {"schema": 1, "generation": self.generation,
+                   "models": {model: {"version": version, "artifact": artifact, **extra}}}  # fmt: skip
+        self.obs.publish(T.desired, json.dumps(desired).encode(), retain=True)
+
+    def model(self, model: str) -> dict[str, Any]:
+        return dict(self.obs.json(T.reported)["models"][model])
+
+    def wait_done(self, model: str, version: int) -> dict[str, Any]:
+        """Until ``model`` serves ``version`` or its update failed."""
+
+        def done(r: dict[str, Any]) -> bool:
+            m = r["models"].get(model, {})
+            return m.get("state") == "failed" or (m.get("state") == "serving" and m.get("active") == version)
+
+        return dict(self.obs.wait_json(T.reported, done, f"{model} v{version} serving or failed")["models"][model])
+
+    def wait_state(self, model: str, *states: str) -> dict[str, Any]:
+        report = self.obs.wait_json(
+            T.reported, lambda r: r["models"].get(model, {}).get("state") in states, f"{model} in {states}"
+        )
+        return dict(report["models"][model])
+
+
+def wide_model(seed: int, hidden: int = 4096) -> bytes:
+    """x: float32[-1, 4] -> output_0 = relu(x W1) W2, [-1, 3]; ~110 KB of weights, so ~110 chunks of 1 KB."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.normal(size=(4, hidden)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array((rng.normal(size=(hidden, 3)) / 64).astype(np.float32), "w2")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["output_0"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, ["n", 3])],
+        [w1, w2],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Unsigned ONNX bundles of model "mlp": v1, v2 (other weights), v3 whose golden samples fail."""
+    from tests.runtime import models
+
+    d = tmp_path_factory.mktemp("wide")
+    g = {"x": np.random.default_rng(9).normal(size=(4, 4)).astype(np.float32)}
+    out: dict[str, Path] = {}
+    for key, version, seed in (("v1", 1, 1), ("v2", 2, 2), ("bad", 3, 3)):
+        model = wide_model(seed)
+        golden_out = None
+        if key == "bad":
+            from edgekit_runtime.backends import load_backend
+
+            golden_out = {"output_0": load_backend("onnx", model).run(g)["output_0"] + 1.0}
+        out[key] = models.make_bundle(
+            d / f"{key}.ekb", name="mlp", version=version, fmt="onnx", model=model, golden_in=g, golden_out=golden_out
+        )
+    return out
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> tuple[Path, Path]:
+    return generate_keys(tmp_path / "keys")
+
+
+def signed(src: Path, dst: Path, key: Path) -> Path:
+    b = read_bundle(src)
+    return dataclasses.replace(b, signature=sign_bundle(b, load_signing_key(key))).write(dst)
+
+
+@pytest.fixture
+def device(
+    wide: dict[str, Path], store: Path, mosquitto: Mosquitto, tmp_path: Path, keys: tuple[Path, Path]
+) -> Iterator[tuple[Runtime, Agent, ScriptedHub]]:
+    install_bundle(signed(wide["v1"], tmp_path / "v1.ekb", keys[0]), store)
+    hub = ScriptedHub(mosquitto)
+    rt = Runtime([store], trusted_keys=[load_public_key(keys[1])])
+    rt.refresh()
+    agent = Agent(
+        rt,
+        parse_broker_url(mosquitto.url),
+        device_id="dev-1",
+        state_dir=store / ".edgekit-agent",
+        store=store,
+        profile="test",
+        trusted_keys=[load_public_key(keys[1])],
+        link_options={"backoff_base": 0.05, "backoff_max": 0.5, "keepalive": 5},
+    )
+    agent.start()
+    agent.loaded()
+    yield rt, agent, hub
+    agent.stop()
+    rt.close()
+    hub.obs.close()
+
+
+X = np.random.default_rng(3).normal(size=(2, 4)).astype(np.float32)
+
+
+def test_a_signed_new_version_is_downloaded_installed_tested_and_serves(
+    device: tuple[Runtime, Agent, ScriptedHub], wide: dict[str, Path], tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    rt, agent, hub = device
+    hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
+    v2 = signed(wide["v2"], tmp_path / "v2.ekb", keys[0])
+    hub.deploy("mlp", 2, v2, rollout="r-1")
+    done = hub.wait_done("mlp", 2)
+    assert done["state"] == "serving", done
+    assert done["active"] == 2
+    assert rt.get("mlp").version == 2
+    assert rt.predict("mlp", {"x": X})["output_0"].shape == (2, 3)
+    assert len(hub.requests) >= 2  # more than one window: the download is device-driven
+    assert max(len(r) for r in hub.requests) <= 16
+    assert not list((agent.state.folder / "downloads").glob("*.part"))  # nothing left behind
+
+
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("unsigned", "not signed"),
+        ("other-key", "not trusted here"),
+        ("golden-fails", "differs from the golden samples"),
+        ("wrong-model", "not the desired mlp v4"),
+        ("signature-change", "the signature changes"),
+        ("other-profile", "built for profile 'jetson'"),
+    ],
+)
+def test_a_bad_version_is_refused_and_the_old_one_keeps_serving(
+    device: tuple[Runtime, Agent, ScriptedHub], wide: dict[str, Path], bundles: dict[str, Path], tmp_path: Path,
+    keys: tuple[Path, Path], case: str, why: str,
+) -> None:  # fmt: skip
+    rt, _, hub = device
+    hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
+    if case == "unsigned":
+        bundle, version = wide["v2"], 2
+    elif case == "other-key":
+        other = generate_keys(tmp_path / "other")[0]
+        bundle, version = signed(wide["v2"], tmp_path / "o.ekb", other), 2
+    elif case == "golden-fails":
+        bundle, version = signed(wide["bad"], tmp_path / "bad.ekb", keys[0]), 3
+    elif case == "wrong-model":
+        bundle, version = signed(wide["v2"], tmp_path / "v2.ekb", keys[0]), 4  # the file is v2
+    elif case == "other-profile":
+        b = read_bundle(wide["v2"])
+        profile = b.manifest.profile.model_copy(update={"name": "jetson"})
+        m = b.manifest.model_copy(update={"profile": profile})
+        other_profile = dataclasses.replace(b, manifest=m, manifest_bytes=m.to_json()).write(tmp_path / "j.ekb")
+        bundle, version = signed(other_profile, tmp_path / "js.ekb", keys[0]), 2
+    else:
+        b = read_bundle(bundles["two"])
+        renamed = dataclasses.replace(b, manifest=b.manifest.model_copy(update={"name": "mlp", "version": 5}))
+        renamed = dataclasses.replace(renamed, manifest_bytes=renamed.manifest.to_json())
+        bundle = signed(renamed.write(tmp_path / "two-as-mlp.ekb"), tmp_path / "s.ekb", keys[0])
+        version = 5
+    hub.deploy("mlp", version, bundle)
+    failed = hub.wait_state("mlp", "failed")
+    assert why in failed["reason"], failed
+    assert failed["target"] == version
+    assert rt.get("mlp").version == 1  # the device keeps serving what it had
+    assert rt.predict("mlp", {"x": X})["output_0"].shape == (2, 3)
+
+
+def test_the_download_survives_a_broker_restart(
+    device: tuple[Runtime, Agent, ScriptedHub], wide: dict[str, Path], tmp_path: Path, keys: tuple[Path, Path],
+    mosquitto: Mosquitto,
+) -> None:  # fmt: skip
+    _, _, hub = device
+    hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
+    hub.pause.set()
+    hub.deploy("mlp", 2, signed(wide["v2"], tmp_path / "v2.ekb", keys[0]))
+    hub.obs.wait_for(lambda: len(hub.requests) >= 1, "the first chunk request")
+    hub.obs.close()
+    mosquitto.restart()  # kill -9: the retained desired state is gone; the hub publishes it again
+    hub2 = ScriptedHub(mosquitto)
+    hub2.files, hub2.generation = hub.files, hub.generation - 1
+    hub2.deploy("mlp", 2, tmp_path / "v2.ekb")  # same generation as before: the agent keeps its job
+    done = hub2.wait_done("mlp", 2)
+    assert done["state"] == "serving" and done["active"] == 2, done
+    hub.obs = hub2.obs  # the fixture closes this one
+
+
+def test_kill_9_mid_download_resumes_from_the_chunks_on_disk(
+    wide: dict[str, Path], store: Path, mosquitto: Mosquitto, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    install_bundle(signed(wide["v1"], tmp_path / "v1.ekb", keys[0]), store)
+    v2 = signed(wide["v2"], tmp_path / "v2.ekb", keys[0])
+    hub = ScriptedHub(mosquitto)
+    answered = threading.Event()
+    original = hub._on_get
+
+    def first_window_only(client: Any, userdata: object, msg: Any) -> None:
+        if answered.is_set():
+            hub.requests.append(decode(ChunkRequest, bytes(msg.payload)).chunks)
+            return
+        answered.set()
+        original(client, userdata, msg)
+
+    hub.obs._client.message_callback_add(T.chunks_get, first_window_only)
+    args = [sys.executable, "-m", "edgekit_runtime", "serve", str(store), "--port", str(free_port()),
+            "--poll-seconds", "0", "--broker", mosquitto.url, "--device-id", "dev-1",
+            "--trust-key", str(keys[1])]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
+        hub.deploy("mlp", 2, v2)
+        marks = store / ".edgekit-agent" / "downloads" / f"{hashlib.sha256(v2.read_bytes()).hexdigest()}.have"
+        hub.obs.wait_for(lambda: marks.exists() and 0 < sum(marks.read_bytes()) == 8, "the first window on disk")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(WAIT)
+        held = sum(marks.read_bytes())
+        total = len(marks.read_bytes())
+        assert 0 < held < total
+        hub.requests.clear()
+        hub.obs._client.message_callback_add(T.chunks_get, original)  # the hub answers everything now
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = hub.wait_done("mlp", 2)
+        assert done["state"] == "serving" and done["active"] == 2, done
+        asked = sorted({i for r in hub.requests for i in r})
+        assert asked and min(asked) >= held  # resumed: the chunks it had were not asked for again
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+        hub.obs.close()
+    installed = store / "mlp" / "2"
+    assert (installed / "manifest.json").is_file()
+    assert read_bundle(v2).model == (installed / "model.onnx").read_bytes()
