@@ -297,3 +297,41 @@ def test_kill_9_mid_download_resumes_from_the_chunks_on_disk(
     installed = store / "mlp" / "2"
     assert (installed / "manifest.json").is_file()
     assert read_bundle(v2).model == (installed / "model.onnx").read_bytes()
+
+
+def test_a_disk_too_full_for_the_download_fails_the_update_and_keeps_serving(
+    wide: dict[str, Path], store: Path, mosquitto: Mosquitto, tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    import resource
+
+    install_bundle(signed(wide["v1"], tmp_path / "v1.ekb", keys[0]), store)
+    v2 = signed(wide["v2"], tmp_path / "v2.ekb", keys[0])
+    limit = v2.stat().st_size // 2  # room for half the download: files past this size cannot grow
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    hub = ScriptedHub(mosquitto)
+    port = free_port()
+    args = [sys.executable, "-m", "edgekit_runtime", "serve", str(store), "--port", str(port),
+            "--poll-seconds", "0", "--broker", mosquitto.url, "--device-id", "dev-1",
+            "--trust-key", str(keys[1])]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=small_disk)  # noqa: PLW1509
+    try:
+        hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
+        hub.deploy("mlp", 2, v2)
+        failed = hub.wait_state("mlp", "failed")
+        assert failed["reason"].startswith(f"no room for a {v2.stat().st_size}-byte download"), failed
+        assert failed["active"] == 1
+        import requests
+
+        r = requests.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer", timeout=30, json={
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == "1"
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+        hub.obs.close()
+    assert not list((store / ".edgekit-agent" / "downloads").glob("*.part"))
