@@ -112,13 +112,14 @@ def wide_model(seed: int, hidden: int = 4096) -> bytes:
 
 @pytest.fixture(scope="module")
 def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Unsigned ONNX bundles of model "mlp": v1, v2 (other weights), v3 whose golden samples fail."""
+    """Unsigned ONNX bundles of model "mlp": v1, v2, v3 (other weights each), and a v3 ("bad") whose
+    golden samples fail."""
     from tests.runtime import models
 
     d = tmp_path_factory.mktemp("wide")
     g = {"x": np.random.default_rng(9).normal(size=(4, 4)).astype(np.float32)}
     out: dict[str, Path] = {}
-    for key, version, seed in (("v1", 1, 1), ("v2", 2, 2), ("bad", 3, 3)):
+    for key, version, seed in (("v1", 1, 1), ("v2", 2, 2), ("v3", 3, 4), ("bad", 3, 3)):
         model = wide_model(seed)
         golden_out = None
         if key == "bad":
@@ -185,6 +186,10 @@ def test_a_signed_new_version_is_downloaded_installed_tested_and_serves(
     assert len(hub.requests) >= 2  # more than one window: the download is device-driven
     assert max(len(r) for r in hub.requests) <= 16
     assert not list((agent.state.folder / "downloads").glob("*.part"))  # nothing left behind
+    # v3 after v2: the store keeps the new version and the one before it, not v1
+    hub.deploy("mlp", 3, signed(wide["v3"], tmp_path / "v3.ekb", keys[0]))
+    assert hub.wait_done("mlp", 3)["active"] == 3
+    assert sorted(d.name for d in (agent.state.folder.parent / "mlp").iterdir()) == ["2", "3"]
 
 
 @pytest.mark.parametrize(

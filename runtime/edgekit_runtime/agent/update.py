@@ -26,7 +26,7 @@ from edgekit_runtime.agent.download import Download, DownloadError
 from edgekit_runtime.agent.protocol import MAX_WINDOW, Artifact, Chunk, ChunkRequest, DesiredModel
 from edgekit_runtime.bundle import Bundle, Manifest, read_bundle
 from edgekit_runtime.errors import BundleError, EdgekitError
-from edgekit_runtime.runtime import Runtime
+from edgekit_runtime.runtime import AVAILABLE, Runtime
 from edgekit_runtime.signing import PublicKey, verify_bundle
 from edgekit_runtime.store import install_bundle
 from edgekit_runtime.tensors import TensorSpec
@@ -288,6 +288,7 @@ class Updater:
             job.reason = ""
             job.updated = time.time()
             log.info("update %s v%d: serving", job.model, job.version)
+            self._clean(job)
             return
         statuses = self.runtime.status(job.model) if job.model in self.runtime.models() else []
         status = next((s for s in statuses if s.version == job.version), None)
@@ -295,6 +296,17 @@ class Updater:
         shutil.rmtree(self.store / job.model / str(job.version), ignore_errors=True)
         self.runtime.refresh()
         self._fail(job, why)
+
+    def _clean(self, job: Job) -> None:
+        """Keep the new version and the one before it (for going back); remove older ones that are
+        not loaded, so updates do not fill the device's disk."""
+        loaded = {s.version for s in self.runtime.status(job.model) if s.state == AVAILABLE}
+        keep = {job.version, job.previous, *loaded}
+        folder = self.store / job.model
+        for d in folder.iterdir() if folder.is_dir() else ():
+            if d.name.isdigit() and int(d.name) not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+                log.info("update %s: removed v%s from the store (older than v%s)", job.model, d.name, job.previous)
 
     def _fail(self, job: Job, reason: str) -> list[ChunkRequest]:
         job.state = FAILED
