@@ -326,3 +326,16 @@ def test_a_failing_batch_callback_costs_no_caller_its_answer() -> None:
     np.testing.assert_array_equal(b.submit({"x": rows(1)}, 1).result(WAIT)["y"], rows(1) * 2)
     b.close()
     assert seen == [(3, 4), (1, 2)]
+
+
+def test_a_batch_that_is_not_full_waits_for_the_timeout_to_gather_rows() -> None:
+    be = FakeBackend()
+    b = Batcher([be], settings(max_batch_size=4, batch_timeout_micros=600_000_000))  # ten minutes
+    first = b.submit({"x": rows(1)}, 1)
+    # a timeout of 0 would run the lone row at once; here it waits for company
+    assert not be.started.wait(0.3)
+    rest = [b.submit({"x": rows(1, i)}, 1) for i in range(1, 4)]
+    for i, f in enumerate([first, *rest]):
+        np.testing.assert_array_equal(f.result(WAIT)["y"], rows(1, i) * 2)
+    assert be.batches == [4]  # the fourth row filled the batch: it closed without waiting the ten minutes
+    b.close()

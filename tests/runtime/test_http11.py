@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.runtime.conftest import Models, reference
 from tests.runtime.test_socket import free_port, start_server, wait_ready
@@ -367,3 +368,46 @@ def test_request_that_never_finishes_arriving_gets_408(quick_timeouts: int) -> N
     with connect(quick_timeouts) as sock:  # and the server still serves
         [(status, _, _)] = http(sock, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
         assert status == 200
+
+
+def _metric(port: int, name: str) -> float:
+    with connect(port) as sock:
+        [(status, _, body)] = http(sock, get("/metrics"))
+    assert status == 200
+    for family in text_string_to_metric_families(body.decode()):
+        for s in family.samples:
+            if s.name == name and s.labels == {"model": "mlp", "version": "1"}:
+                return float(s.value)
+    raise AssertionError(f"no {name} for mlp/1 in the metrics")
+
+
+@pytest.mark.parametrize("linger", [None, struct.pack("ii", 1, 0)], ids=["close", "reset"])
+def test_the_queued_rows_of_a_client_that_hangs_up_are_dropped(
+    bundles: dict[str, Path], model_files: Models, linger: bytes | None
+) -> None:
+    p = free_port()
+    # batches of 4 rows that wait ten minutes for company: a 3-row request stays queued
+    proc = _serve(bundles["mlp"], p, "--max-batch-size", "4", "--batch-timeout-micros", "600000000")
+    try:
+        wait_ready(proc, p)
+        rows_before = _metric(p, "edgekit_batch_size_sum")
+        sock = connect(p)
+        if linger:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        sock.sendall(post("/v1/models/mlp:predict", PREDICT))  # 3 rows
+        end = time.monotonic() + 30
+        while _metric(p, "edgekit_queue_depth") < 3:
+            assert time.monotonic() < end, "the request never reached the queue"
+            time.sleep(0.02)
+        sock.close()  # hang up while the rows wait
+        for _ in range(2):  # round trips after the hang-up: the server has seen it by their end
+            _metric(p, "edgekit_queue_depth")
+        one = orjson.dumps({"instances": X[:1].tolist()})
+        with connect(p) as other:  # one row: 3 + 1 fill the batch, unless the 3 were dropped
+            [(status, _, body)] = http(other, post("/v1/models/mlp:predict", one))
+        assert status == 200, body
+        np.testing.assert_allclose(orjson.loads(body)["predictions"], reference(model_files, X[:1]), atol=1e-4)
+        assert _metric(p, "edgekit_batch_size_sum") - rows_before == 1  # the hung-up client's rows never ran
+        assert _metric(p, "edgekit_queue_depth") == 0
+    finally:
+        _stop(proc)

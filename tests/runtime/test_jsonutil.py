@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from edgekit_runtime import Runtime
+from edgekit_runtime.errors import InvalidInputError
 from edgekit_runtime.server import create_app, jsonutil
 from tests.runtime.conftest import Client
 
@@ -115,3 +116,80 @@ def test_http_answers_are_the_same_on_both_paths(client: Client, url: str, doc: 
         jsonutil._FAST_PATH_BYTES = old
     assert quick.status_code == slow.status_code, (quick.text, slow.text)
     assert quick.json() == slow.json()
+
+
+# -- writing replies: NaN and Infinity are written as TF Serving writes them, never as null ---------
+
+
+def test_non_finite_outputs_are_written_as_nan_and_infinity() -> None:
+    arr = np.array([[np.nan, np.inf], [-np.inf, 1.5]], dtype=np.float32)
+    assert jsonutil.dumps({"y": jsonutil.jsonable(arr)}) == b'{"y": [[NaN, Infinity], [-Infinity, 1.5]]}'
+    # the same array without them takes orjson, still exactly
+    assert jsonutil.dumps({"y": jsonutil.jsonable(np.array([1.5, 2.0], np.float32))}) == b'{"y":[1.5,2.0]}'
+
+
+def test_jsonable_writes_what_orjson_cannot() -> None:
+    swapped = np.array([1, 2, 3], dtype=">i4")
+    assert jsonutil.dumps(jsonutil.jsonable(swapped)) == b"[1,2,3]"
+    strided = np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::2]
+    assert jsonutil.dumps(jsonutil.jsonable(strided)) == b"[[0.0,2.0],[3.0,5.0]]"
+    text = np.array([b"a", "b", b"\xff\x00"], dtype=object)
+    assert orjson.loads(jsonutil.dumps(jsonutil.jsonable(text))) == ["a", "b", {"b64": "/wA="}]
+    nested = np.array([[b"a", b"b"], [b"c", b"d"]], dtype=object)
+    assert orjson.loads(jsonutil.dumps(jsonutil.jsonable(nested))) == [["a", "b"], ["c", "d"]]
+    # numpy scalars beside a non-finite array go through the stdlib fallback too
+    doc = {"n": np.int64(3), "x": np.float32(0.5), "y": jsonutil.jsonable(np.array([np.nan]))}
+    assert jsonutil.dumps(doc) == b'{"n": 3, "x": 0.5, "y": [NaN]}'
+    with pytest.raises(TypeError, match="cannot write object as JSON"):
+        jsonutil.dumps({"y": jsonutil.jsonable(np.array([np.nan])), "o": object()})
+
+
+def test_nan_and_infinity_in_requests_are_read_and_bad_json_is_a_400() -> None:
+    doc = jsonutil.loads(b'{"instances": [[NaN, Infinity, -Infinity, 1]]}')
+    row = doc["instances"][0]
+    assert math.isnan(row[0])
+    assert row[1:] == [math.inf, -math.inf, 1]
+    assert jsonutil.loads(memoryview(b'{"a": 1}')) == {"a": 1}
+    for body in (b"{not json", b'{"a": NaN', b"[" * 100_000 + b"NaN" + b"]" * 100_000):
+        with pytest.raises(InvalidInputError, match="malformed JSON body"):
+            jsonutil.loads(body)
+
+
+NON_FINITE_A = "[[Infinity, 1, NaN], [0, 2, 3]]"
+NON_FINITE_B = "[[1, -Infinity, 2], [Infinity, 1, 1]]"
+
+
+def assert_non_finite(sum_: Any, prod: Any) -> None:
+    s, p = np.asarray(sum_, dtype=np.float64).reshape(2, 3), np.asarray(prod, dtype=np.float64).reshape(2, 3)
+    np.testing.assert_array_equal(s, [[np.inf, -np.inf, np.nan], [np.inf, 3, 4]])
+    np.testing.assert_array_equal(p, [[np.inf, -np.inf, np.nan], [np.nan, 2, 3]])  # 0 x inf is NaN
+
+
+def test_v1_replies_write_nan_and_infinity_not_null(client: Client) -> None:
+    body = f'{{"inputs": {{"a": {NON_FINITE_A}, "b": {NON_FINITE_B}}}}}'.encode()
+    r = client.post("/v1/models/two:predict", content=body)
+    assert r.status_code == 200, r.text
+    assert "null" not in r.text
+    assert "NaN" in r.text
+    assert "-Infinity" in r.text
+    out = json.loads(r.text)["outputs"]  # the stdlib reads NaN / Infinity back
+    assert_non_finite(out["sum"], out["prod"])
+    rows = [{"a": a, "b": b} for a, b in zip(json.loads(NON_FINITE_A), json.loads(NON_FINITE_B), strict=True)]
+    r = client.post("/v1/models/two:predict", content=json.dumps({"instances": rows}).encode())
+    assert r.status_code == 200, r.text
+    assert "null" not in r.text
+    preds = json.loads(r.text)["predictions"]
+    assert_non_finite([p["sum"] for p in preds], [p["prod"] for p in preds])
+
+
+def test_v2_replies_write_nan_and_infinity_not_null(client: Client) -> None:
+    inputs = [
+        f'{{"name": "{k}", "shape": [2, 3], "datatype": "FP32", "data": {v}}}'
+        for k, v in (("a", NON_FINITE_A), ("b", NON_FINITE_B))
+    ]
+    r = client.post("/v2/models/two/infer", content=f'{{"inputs": [{", ".join(inputs)}]}}'.encode())
+    assert r.status_code == 200, r.text
+    assert "null" not in r.text
+    outs = {o["name"]: o for o in json.loads(r.text)["outputs"]}
+    assert outs["sum"]["shape"] == [2, 3]
+    assert_non_finite(outs["sum"]["data"], outs["prod"]["data"])
