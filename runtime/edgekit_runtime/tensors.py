@@ -134,7 +134,8 @@ def dequantize(x: np.ndarray, spec: TensorSpec) -> np.ndarray:
     q = spec.quantization
     if q is None or not np.issubdtype(x.dtype, np.integer):
         return x
-    return (x.astype(np.float32) - q.zero_point[0]) * np.float32(q.scale[0])
+    out: np.ndarray = (x.astype(np.float32) - q.zero_point[0]) * np.float32(q.scale[0])
+    return out
 
 
 def _out_of_range(name: str, label: str, dtype: np.dtype[Any], value: Any) -> InvalidInputError:

@@ -38,8 +38,11 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> Models:
 @pytest.fixture(scope="session")
 def bundles(model_files: Models, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Bundles of every test model, with golden samples. Keys: mlp, mlp_v2, mlp_bad, fixed1, int8, two."""
-    d = tmp_path_factory.mktemp("bundles")
-    m = model_files
+    return make_bundles(model_files, tmp_path_factory.mktemp("bundles"))
+
+
+def make_bundles(m: Models, d: Path) -> dict[str, Path]:
+    """The ``bundles`` fixture's bundles, written into ``d`` (scripts/fuzz serves them too)."""
     batching = {"max_batch_size": 8, "batch_timeout_micros": 0, "allowed_batch_sizes": [], "max_enqueued_batches": 64}
     return {
         "mlp": models.make_bundle(
