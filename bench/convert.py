@@ -58,13 +58,15 @@ def bench_model(name: str, model: Path, profiles: list[str], options_kw: dict[st
     from edgekit.errors import EdgekitError
     from edgekit.profiles import load_profile
     from edgekit_converters import calibration
+    from edgekit_converters.isolation import EngineProcess, Step
     from edgekit_converters.pipeline import Options, Reporter, convert_profile
     from edgekit_converters.sources import load_source
 
     loaded = [load_profile(p) for p in profiles]
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="edgekit-bench-") as tmp, EngineProcess(Path(tmp)) as engine:
         workdir = Path(tmp)
+        engine.start(tensorflow=True)  # its import overlaps with the source's loading, as in `edgekit convert`
         options = Options(output_dir=workdir / "out", strict=False, **options_kw)  # type: ignore[arg-type]
         t0 = time.perf_counter()
         source = load_source(model, workdir)
@@ -86,7 +88,14 @@ def bench_model(name: str, model: Path, profiles: list[str], options_kw: dict[st
             sub.mkdir()
             try:
                 result, _ = convert_profile(
-                    source, profile, plan=plan, reference=reference, options=options, workdir=sub, reporter=Reporter()
+                    source,
+                    profile,
+                    plan=plan,
+                    reference=reference,
+                    options=options,
+                    workdir=sub,
+                    reporter=Reporter(),
+                    engine=engine,
                 )
             except EdgekitError as e:
                 row.budgets = "not converted: " + e.message.split("; ")[0].removeprefix(f"profile {profile.name}: ")
@@ -94,7 +103,9 @@ def bench_model(name: str, model: Path, profiles: list[str], options_kw: dict[st
                 print(f"  {name} {profile.name}: {row.budgets}", file=sys.stderr)
                 continue
             if c.format == "onnx" and "onnx" not in float32:
-                float32["onnx"] = source.onnx_model(c.opset).stat().st_size
+                steps = engine.for_profile(profile.name, "onnx float32")
+                export = Step(f"tf2onnx export (opset {c.opset})", "another conversion.opset")
+                float32["onnx"] = source.onnx_model(c.opset, engine=steps, step=export).stat().st_size
             if c.format == "tflite" and c.quantization == "float32":
                 float32["tflite"] = result.size_bytes
             m = result.metrics

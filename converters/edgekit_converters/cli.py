@@ -17,6 +17,7 @@ from edgekit.cli._output import console, emit_json, json_option_help
 from edgekit.profiles import resolve_profiles
 from edgekit_converters import budgets
 from edgekit_converters.calibration import IMAGE_RANGES
+from edgekit_converters.isolation import DEFAULT_STEP_TIMEOUT_S
 from edgekit_converters.pipeline import Options, Reporter, run
 from edgekit_converters.report import render
 
@@ -129,6 +130,16 @@ class _RichReporter(Reporter):
     help="time budget per batch size for the host latency measurement",
 )
 @click.option(
+    "--step-timeout",
+    "step_timeout",
+    metavar="SECONDS",
+    type=click.FloatRange(min=1),
+    default=DEFAULT_STEP_TIMEOUT_S,
+    show_default=True,
+    help="time limit of each engine step (TFLite conversion, tf2onnx, ONNX quantization, validation), each run in "
+    "a separate process: a step that crashes or runs longer fails its profile, the others still convert",
+)
+@click.option(
     "--normalize",
     metavar="MEAN,STD",
     default=None,
@@ -170,6 +181,7 @@ def convert(  # noqa: PLR0917 - click passes every option as an argument
     calibration_samples: int | None,
     image_range: str,
     latency_seconds: float,
+    step_timeout: float,
     normalize: str | None,
     normalize_input: str | None,
     labels: Path | None,
@@ -192,6 +204,7 @@ def convert(  # noqa: PLR0917 - click passes every option as an argument
         calibration_samples=calibration_samples,
         image_range=image_range,
         latency_seconds=latency_seconds,
+        step_timeout_s=step_timeout,
         normalize=normalize,
         normalize_input=normalize_input,
         labels=labels,
@@ -205,5 +218,6 @@ def convert(  # noqa: PLR0917 - click passes every option as an argument
         emit_json(report.as_dict())
     else:
         render(report, console)
+    report.raise_failures()
     if strict:
         budgets.enforce(report.budget_failures)

@@ -22,7 +22,8 @@ from typing import Any
 from edgekit.errors import InvalidInputError
 from edgekit.profiles import Profile
 from edgekit_converters import budgets, calibration, constraints, processing, to_onnx, to_tflite
-from edgekit_converters._native import captured_stderr
+from edgekit_converters.errors import EngineCrashError
+from edgekit_converters.isolation import DEFAULT_STEP_TIMEOUT_S, EngineProcess, Step
 from edgekit_converters.sources import Source, load_source
 from edgekit_converters.validation import validate
 from edgekit_runtime.bundle import (
@@ -58,6 +59,8 @@ class Options:
     labels: Path | None = None
     top_k: int | None = None  # default processing.DEFAULT_TOP_K (at most the label count)
     labels_output: str | None = None
+    # time limit of each engine step in its worker process (isolation.py)
+    step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
 
 
 class Reporter:
@@ -106,24 +109,52 @@ class ProfileResult:
         }
 
 
+@dataclass(frozen=True)
+class ProfileFailure:
+    """A profile whose engine crashed: no bundle, the run's other profiles went on."""
+
+    profile: str
+    format: str
+    quantization: str
+    error: EngineCrashError
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "profile": self.profile,
+            "format": self.format,
+            "quantization": self.quantization,
+            "error": self.error.message,
+            "exit_code": self.error.exit_code,
+        }
+
+
 @dataclass
 class Report:
     source: dict[str, Any]
     data_notes: list[str]
     strict: bool
     results: list[ProfileResult] = field(default_factory=list)
+    failed: list[ProfileFailure] = field(default_factory=list)
 
     @property
     def budget_failures(self) -> dict[str, list[budgets.BudgetCheck]]:
         return {r.profile: r.failed_budgets for r in self.results if r.failed_budgets}
+
+    def raise_failures(self) -> None:
+        """The crashed profiles as one EngineCrashError (after the report of the others was shown)."""
+        if len(self.failed) == 1:
+            raise self.failed[0].error
+        if self.failed:
+            raise EngineCrashError(" | ".join(f.error.message for f in self.failed))
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
             "data_notes": self.data_notes,
             "strict": self.strict,
-            "ok": not (self.strict and self.budget_failures),
+            "ok": not self.failed and not (self.strict and self.budget_failures),
             "profiles": [r.as_dict() for r in self.results],
+            "failed": [f.as_dict() for f in self.failed],
         }
 
 
@@ -183,10 +214,12 @@ def convert_profile(
     options: Options,
     workdir: Path,
     reporter: Reporter,
+    engine: EngineProcess,
     preprocessing: Preprocessing | None = None,
     postprocessing: Postprocessing | None = None,
 ) -> tuple[ProfileResult, Bundle]:
-    """Convert, check, validate and measure one profile; the bundle is returned, not yet written."""
+    """Convert, check, validate and measure one profile; the bundle is returned, not yet written.
+    The engine steps run in ``engine``'s worker: a crash there raises EngineCrashError."""
     c = profile.conversion
     if c.format == "tflite" and not source.is_tensorflow:
         msg = (
@@ -200,20 +233,22 @@ def convert_profile(
         )
         c = profile.conversion
     calib = plan.calibration if c.needs_calibration else None
+    steps = engine.for_profile(profile.name, f"{c.format} {c.quantization}")
     reporter.step(profile.name, f"converting to {c.format} {c.quantization}")
     t0 = time.perf_counter()
     if c.format == "tflite":
-        model, notes = to_tflite.convert(source, profile, calib)
+        model, notes = to_tflite.convert(source, profile, calib, steps)
     else:
-        model, notes = to_onnx.convert(source, profile, calib, workdir)
+        model, notes = to_onnx.convert(source, profile, calib, workdir, steps)
     conversion_s = time.perf_counter() - t0
     reporter.step(profile.name, "checking the target's constraints")
     facts = constraints.check(profile, c.format, model)
     reporter.step(profile.name, "validating on the device runtime")
     data = _trim_to_batch(plan.validation, c.static_batch)
     ref = {k: v[: data.rows] for k, v in reference.items()}
-    with captured_stderr():  # LiteRT announces its XNNPACK delegate on fd 2
-        val = validate(c.format, model, profile, ref, data, latency_seconds=options.latency_seconds)
+    runtime = "LiteRT" if c.format == "tflite" else "ONNX Runtime"
+    check = Step(f"validation on {runtime}", "another conversion.quantization: the converted model crashes the runtime")
+    val = steps.call(check, validate, c.format, model, profile, ref, data, latency_seconds=options.latency_seconds)
     notes += val.notes
     checks = budgets.check(profile.budgets, len(model), val.metrics)
     name = options.name or default_name(source.path)
@@ -292,15 +327,23 @@ def _normalized_plan(plan: calibration.DataPlan, pre: Preprocessing) -> calibrat
 
 def run(model: Path, profiles: list[Profile], options: Options, reporter: Reporter | None = None) -> Report:
     """Convert ``model`` for every profile. Bundles are written only for profiles within budget
-    (or all with ``strict=False``); the caller turns ``report.budget_failures`` into an error."""
+    (or all with ``strict=False``); a profile whose engine crashed is in ``report.failed`` and the
+    others still convert. The caller turns ``report.raise_failures`` and ``report.budget_failures``
+    into errors."""
     reporter = reporter or Reporter()
     model = Path(model)
     out_dir = Path(options.output_dir)
     norm, labels = _parse_processing(options)
     needing = [p.name for p in profiles if p.conversion.needs_calibration]
-    with output_dir(out_dir), tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp:
+    with (
+        output_dir(out_dir),
+        tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp,
+        EngineProcess(Path(tmp), timeout_s=options.step_timeout_s) as engine,
+    ):
         reporter.start(len(profiles))
         workdir = Path(tmp)
+        # TensorFlow's import in the worker overlaps with the source's loading here
+        engine.start(tensorflow=any(p.conversion.format == "tflite" for p in profiles))
         reporter.step(None, f"loading {model}")
         source = load_source(model, workdir)
         pre = processing.preprocessing(norm, source.inputs, options.normalize_input) if norm is not None else None
@@ -347,17 +390,24 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
         for profile in profiles:
             profile_dir = workdir / profile.name
             profile_dir.mkdir()
-            result, bundle = convert_profile(
-                source,
-                profile,
-                plan=plan,
-                reference=reference,
-                options=options,
-                workdir=profile_dir,
-                reporter=reporter,
-                preprocessing=pre,
-                postprocessing=post,
-            )
+            try:
+                result, bundle = convert_profile(
+                    source,
+                    profile,
+                    plan=plan,
+                    reference=reference,
+                    options=options,
+                    workdir=profile_dir,
+                    reporter=reporter,
+                    engine=engine,
+                    preprocessing=pre,
+                    postprocessing=post,
+                )
+            except EngineCrashError as e:
+                c = profile.conversion
+                report.failed.append(ProfileFailure(profile.name, c.format, c.quantization, e))
+                reporter.done(profile.name)
+                continue
             if not (options.strict and result.failed_budgets):
                 reporter.step(profile.name, "writing the bundle")
                 target = out_dir / f"{bundle.manifest.name}-{profile.name}.ekb"

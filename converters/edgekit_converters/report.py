@@ -86,6 +86,11 @@ def render(report: Report, console: Console) -> None:
         console.print(_table(r, report.strict))
         for note in r.notes:
             console.print(f"  [yellow]note:[/yellow] {note}")
+    for f in report.failed:
+        console.print(
+            f"[bold]{f.profile}[/bold]: {f.format} {f.quantization} → [bold red]no bundle[/bold red] "
+            "(the engine failed; the error follows)"
+        )
     failures = report.budget_failures
     if failures and not report.strict:
         for profile, checks in failures.items():

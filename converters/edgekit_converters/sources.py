@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import numpy as np
 
 from edgekit.errors import ConversionError, InvalidInputError, NotFoundError
 from edgekit_converters._native import captured_stderr, keras, tensorflow
+from edgekit_converters.isolation import EngineSteps, Step
 from edgekit_runtime.tensors import TensorSpec
 
 SourceKind = Literal["keras", "saved_model", "onnx"]
@@ -169,8 +169,9 @@ class Source:
         wrapped = tf.function(lambda **kw: fn(**kw))  # noqa: PLW0108 - a ConcreteFunction cannot be re-traced
         tf.saved_model.save(module, str(out), signatures={"serving_default": wrapped.get_concrete_function(**specs)})
 
-    def onnx_model(self, opset: int, static_batch: int | None = None) -> Path:
-        """The source as a float32 ONNX file (tf2onnx's SavedModel path for TensorFlow sources), cached."""
+    def onnx_model(self, opset: int, static_batch: int | None = None, *, engine: EngineSteps, step: Step) -> Path:
+        """The source as a float32 ONNX file (tf2onnx's SavedModel path for TensorFlow sources, run as
+        ``step`` of ``engine``: with its time limit, a crash reported as such), cached."""
         key = (opset, static_batch)
         if key in self._onnx_files:
             return self._onnx_files[key]
@@ -202,7 +203,7 @@ class Source:
                 str(opset),
             ]
             env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            proc = engine.command(step, cmd, env)
             if proc.returncode != 0 or not out.is_file():
                 lines = [ln for ln in proc.stderr.splitlines() if "error" in ln.lower()] or proc.stderr.splitlines()
                 msg = f"tf2onnx could not convert {self.path} to ONNX (opset {opset}): " + " | ".join(lines[-3:])

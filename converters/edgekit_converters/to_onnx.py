@@ -18,6 +18,7 @@ from typing import Any
 from edgekit.errors import ConversionError
 from edgekit.profiles import Profile
 from edgekit_converters.calibration import Dataset, batches
+from edgekit_converters.isolation import EngineSteps, Step
 from edgekit_converters.sources import Source
 
 _METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
@@ -61,22 +62,18 @@ def _static_int8(base: Path, out: Path, profile: Profile, calibration: Dataset) 
     )
 
 
-def convert(source: Source, profile: Profile, calibration: Dataset | None, workdir: Path) -> tuple[bytes, list[str]]:
-    """The ONNX model bytes for ``profile`` and notes about the conversion."""
+def quantize(base: Path, out: Path, profile: Profile, calibration: Dataset | None) -> None:
+    """Write the float32 ONNX model ``base`` in the profile's mode to ``out`` (runs in the engine
+    worker: ONNX Runtime's quantizer can crash natively)."""
     import onnx
 
     c = profile.conversion
-    base = source.onnx_model(c.opset, c.static_batch)
-    out = workdir / f"{profile.name}.onnx"
-    notes: list[str] = []
     logging.getLogger("onnxruntime").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             # onnxconverter_common warns about values clipped to the float16 range: reported below as
             # accuracy, which is what matters.
             warnings.simplefilter("ignore")
-            if c.quantization == "float32":
-                return base.read_bytes(), notes
             if c.quantization == "float16":
                 from onnxconverter_common import float16
 
@@ -99,4 +96,27 @@ def convert(source: Source, profile: Profile, calibration: Dataset | None, workd
     except Exception as e:  # onnx / onnxruntime raise untyped errors
         msg = f"ONNX {c.quantization} conversion for profile {profile.name} failed: {_first_line(e)}"
         raise ConversionError(msg) from e
-    return out.read_bytes(), notes
+
+
+def _instead(mode: str) -> str:
+    others = " or ".join(f'"{m}"' for m in ("dynamic-int8", "float16", "float32") if m != mode)
+    return f"a copy of the profile with conversion.quantization = {others}"
+
+
+def convert(
+    source: Source, profile: Profile, calibration: Dataset | None, workdir: Path, engine: EngineSteps
+) -> tuple[bytes, list[str]]:
+    """The ONNX model bytes for ``profile`` and notes about the conversion."""
+    c = profile.conversion
+    export = Step(
+        f"tf2onnx export (opset {c.opset})",
+        "another conversion.opset" + ("" if c.static_batch else ", or conversion.static_batch = 1"),
+    )
+    base = source.onnx_model(c.opset, c.static_batch, engine=engine, step=export)
+    if c.quantization == "float32":
+        return base.read_bytes(), []
+    out = workdir / f"{profile.name}.onnx"
+    engine.call(
+        Step(f"ONNX {c.quantization} conversion", _instead(c.quantization)), quantize, base, out, profile, calibration
+    )
+    return out.read_bytes(), []

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from edgekit.errors import ConversionError, UnsupportedOpError
 from edgekit.profiles import Profile
 from edgekit_converters._native import captured_stderr, tensorflow
 from edgekit_converters.calibration import Dataset, batches
+from edgekit_converters.isolation import EngineSteps, Step
 from edgekit_converters.sources import Source
 
 # The converter's ways of saying "this op has no kernel in the op set you asked for".
@@ -67,9 +69,9 @@ def _configure(tf: Any, conv: Any, profile: Profile, calibration: Dataset | None
         ]
 
 
-def _convert_once(source: Source, profile: Profile, calibration: Dataset | None, static_batch: int | None) -> bytes:
+def convert_saved_model(saved: Path, profile: Profile, calibration: Dataset | None, *, dynamic_batch: bool) -> bytes:
+    """The flatbuffer of the SavedModel at ``saved`` (runs in the engine worker: it can crash natively)."""
     tf = tensorflow()
-    saved = source.saved_model(static_batch)
     with captured_stderr() as cap:
         try:
             conv = tf.lite.TFLiteConverter.from_saved_model(str(saved))
@@ -82,7 +84,7 @@ def _convert_once(source: Source, profile: Profile, calibration: Dataset | None,
         else:
             return result
     text = f"{failure} {cap.text}"
-    if static_batch is None and any(s in text for s in _NEEDS_STATIC):
+    if dynamic_batch and any(s in text for s in _NEEDS_STATIC):
         raise _NeedsStaticBatchError(cap.errors()) from failure
     for pattern in _UNSUPPORTED:
         if m := pattern.search(text):
@@ -98,13 +100,36 @@ def _convert_once(source: Source, profile: Profile, calibration: Dataset | None,
     raise ConversionError(msg) from failure
 
 
-def convert(source: Source, profile: Profile, calibration: Dataset | None) -> tuple[bytes, list[str]]:
+def _step(profile: Profile, static_batch: int | None) -> Step:
+    c = profile.conversion
+    mode = c.quantization
+    name = "TFLite conversion" + (f" with {mode} calibration" if c.needs_calibration else "")
+    if static_batch is not None:
+        name += f" (static batch of {static_batch})"
+    others = " or ".join(f'"{m}"' for m in ("dynamic", "float16") if m != mode)
+    instead = f"a copy of the profile with conversion.quantization = {others} (no calibration)"
+    if static_batch is None:
+        instead += ", or conversion.static_batch = 1 (a static input signature)"
+    return Step(name, instead)
+
+
+def _convert_once(
+    source: Source, profile: Profile, calibration: Dataset | None, static_batch: int | None, engine: EngineSteps
+) -> bytes:
+    saved = source.saved_model(static_batch)
+    step = _step(profile, static_batch)
+    return engine.call(step, convert_saved_model, saved, profile, calibration, dynamic_batch=static_batch is None)
+
+
+def convert(
+    source: Source, profile: Profile, calibration: Dataset | None, engine: EngineSteps
+) -> tuple[bytes, list[str]]:
     """The flatbuffer and notes. A model that only converts with a static batch (LSTM/GRU) is retried
     with batch 1, and the note says so."""
     static = profile.conversion.static_batch
     try:
-        return _convert_once(source, profile, calibration, static), []
+        return _convert_once(source, profile, calibration, static, engine), []
     except _NeedsStaticBatchError:
         pass
     note = "converted with a static batch of 1: this model (recurrent layers?) does not convert with a dynamic batch"
-    return _convert_once(source, profile, calibration, 1), [note]
+    return _convert_once(source, profile, calibration, 1, engine), [note]

@@ -112,7 +112,12 @@ def onnx_mlp(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
 
 def write_profile(path: Path, base: str, **conversion: object) -> Path:
     """A user profile file: a bundled profile with some [conversion] keys replaced (no budgets)."""
-    import tomllib
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
 
     from edgekit.profiles import bundled_profiles
 
@@ -142,3 +147,24 @@ def _value(v: object) -> str:
     if isinstance(v, list):
         return "[" + ", ".join(_value(i) for i in v) + "]"
     return repr(v)
+
+
+def text_classifier(path: Path) -> tuple[Path, np.ndarray]:
+    """Embedding + LSTM over int32 token ids (16 tokens, vocabulary 50, 2 classes) and 64 token rows.
+    TensorFlow 2.21's int8 calibrator segfaults on it (calibrator.py, _feed_tensors)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((16,), dtype="int32", name="tokens"),
+            keras.layers.Embedding(50, 8),
+            keras.layers.LSTM(8),
+            keras.layers.Dense(2, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    tokens = np.random.default_rng(0).integers(0, 50, (64, 16)).astype(np.int32)
+    model.fit(tokens, (tokens[:, 0] > 25).astype(np.int64), epochs=1, verbose=0)
+    model.save(path)
+    return path, tokens
