@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
-__all__ = ["CONTENT_TYPE", "Metrics", "ModelMetrics"]
+__all__ = ["CONTENT_TYPE", "Figures", "Metrics", "ModelMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # *_created series double the scrape size for nothing a device dashboard uses.
@@ -36,6 +37,38 @@ class ModelMetrics:
         self.batch_rows.observe(rows)
         if padded > rows:
             self.padding_rows.inc(padded - rows)
+
+
+@dataclass(frozen=True)
+class Figures:
+    """A model version's totals so far: requests, server errors (5xx) and the latency histogram's
+    cumulative buckets, so two readings give what happened between them (the health window)."""
+
+    requests: float
+    server_errors: float
+    buckets: tuple[tuple[float, float], ...]  # (upper bound in seconds, cumulative count)
+
+    def since(self, earlier: Figures) -> Figures:
+        before = dict(earlier.buckets)
+        return Figures(
+            self.requests - earlier.requests,
+            self.server_errors - earlier.server_errors,
+            tuple((le, n - before.get(le, 0.0)) for le, n in self.buckets),
+        )
+
+    @property
+    def error_rate(self) -> float:
+        return self.server_errors / self.requests if self.requests else 0.0
+
+    def quantile(self, q: float) -> float | None:
+        """The upper bound of the bucket holding the ``q`` quantile (None without requests)."""
+        total = self.buckets[-1][1] if self.buckets else 0.0
+        if total <= 0:
+            return None
+        for le, n in self.buckets:
+            if n >= q * total:
+                return le
+        return None
 
 
 class _QueueCollector(Collector):
@@ -115,6 +148,23 @@ class Metrics:
             batch_rows=self.batch_rows.labels(name, v),
             padding_rows=self.padding.labels(name, v),
         )
+
+    def figures(self, name: str, version: int) -> Figures:
+        """The totals of one model version (all zero when it never served)."""
+        labels = {"model": name, "version": str(version)}
+        get = self.registry.get_sample_value
+        errors = 0.0
+        for metric in self.errors.collect():
+            for sample in metric.samples:
+                code = sample.labels.get("code", "")
+                same = sample.labels.get("model") == name and sample.labels.get("version") == labels["version"]
+                if sample.name.endswith("_total") and same and code.isdigit() and int(code) >= 500:
+                    errors += sample.value
+        buckets = tuple(
+            (le, get("edgekit_request_latency_seconds_bucket", {**labels, "le": floatToGoString(le)}) or 0.0)
+            for le in (*_LATENCY_BUCKETS, float("inf"))
+        )
+        return Figures(get("edgekit_requests_total", labels) or 0.0, errors, buckets)
 
     def http_error(self, code: int, kind: str) -> None:
         self.http_errors.labels(str(code), kind).inc()

@@ -5,6 +5,7 @@ and a broker restart mid-download are survived."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -23,6 +24,8 @@ from edgekit_runtime import Runtime
 from edgekit_runtime.agent import Agent, Topics, parse_broker_url
 from edgekit_runtime.agent.protocol import ChunkRequest, decode, encode_chunk
 from edgekit_runtime.bundle import read_bundle
+from edgekit_runtime.dataplane import DataPlane
+from edgekit_runtime.errors import EdgekitError
 from edgekit_runtime.signing import generate_keys, load_public_key, load_signing_key, sign_bundle
 from edgekit_runtime.store import install_bundle
 from tests.mqtt import WAIT, Mosquitto, Observer, free_port
@@ -340,3 +343,78 @@ def test_a_disk_too_full_for_the_download_fails_the_update_and_keeps_serving(
         proc.wait(WAIT)
         hub.obs.close()
     assert not list((store / ".edgekit-agent" / "downloads").glob("*.part"))
+
+
+def failing_on_large_values() -> bytes:
+    """x: float32[-1, 4] -> output_0 [-1, 3]: looks x up in a 10-row table, so golden samples and
+    warm-up (values in [0, 1)) pass and live requests with x >= 10 fail inside the engine."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.random.default_rng(5).normal(size=(10, 3)).astype(np.float32), "table")
+    axes = numpy_helper.from_array(np.array([1], dtype=np.int64), "axes")
+    nodes = [
+        helper.make_node("Cast", ["x"], ["i"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "i"], ["g"], axis=0),
+        helper.make_node("ReduceSum", ["g", "axes"], ["output_0"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "lookup",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, ["n", 3])],
+        [table, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def test_a_version_that_fails_live_traffic_is_rolled_back_in_its_health_window(
+    device: tuple[Runtime, Agent, ScriptedHub], tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    from tests.runtime import models
+
+    rt, _, hub = device
+    plane = DataPlane(rt)  # what the HTTP routes call: it counts requests, errors and latency
+
+    def request(x: np.ndarray) -> bool:
+        async def one() -> None:
+            model = plane.model("mlp")
+            with plane.counted(model):
+                await plane.infer(model, {"x": x})
+
+        try:
+            asyncio.run(one())
+        except EdgekitError:
+            return False
+        return True
+
+    hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
+    big = np.full((1, 4), 20.0, np.float32)  # v1 answers these; v2 fails on them inside the engine
+    assert all(request(big) for _ in range(30))
+    golden = {"x": np.random.default_rng(2).random((4, 4)).astype(np.float32)}
+    v2 = models.make_bundle(
+        tmp_path / "lookup.ekb", name="mlp", version=2, fmt="onnx", model=failing_on_large_values(), golden_in=golden
+    )
+    hub.deploy("mlp", 2, signed(v2, tmp_path / "v2.ekb", keys[0]), health_window_s=120)
+    hub.obs.wait_json(T.reported, lambda r: r["models"]["mlp"].get("state") == "watching", "v2 in its window")
+    assert rt.get("mlp").version == 2
+    answered = [request(big) for _ in range(25)]
+    assert answered.count(False) >= 20
+    back = hub.wait_state("mlp", "rolled_back")
+    assert back["reason"].startswith("health window: server error rate 100.0% over"), back
+    assert "against 0.0% for v1" in back["reason"]
+    assert rt.get("mlp").version == 1  # put back by the device itself, with no word from the hub
+    assert request(big)
+
+
+def test_a_healthy_version_passes_its_health_window(
+    device: tuple[Runtime, Agent, ScriptedHub], wide: dict[str, Path], tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    _, agent, hub = device
+    hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
+    hub.deploy("mlp", 2, signed(wide["v2"], tmp_path / "v2.ekb", keys[0]), health_window_s=1)
+    hub.obs.wait_json(T.reported, lambda r: r["models"]["mlp"].get("state") == "watching", "v2 in its window")
+    done = hub.wait_done("mlp", 2)
+    assert done["state"] == "serving" and done["active"] == 2, done
+    assert agent.updater is not None and agent.updater.jobs["mlp"].state == "succeeded"

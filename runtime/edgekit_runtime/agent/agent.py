@@ -37,7 +37,7 @@ from edgekit_runtime.agent.protocol import (
     decode_chunk,
     encode,
 )
-from edgekit_runtime.agent.update import ACTIVE_STATES, FAILED, Job, Updater
+from edgekit_runtime.agent.update import ACTIVE_STATES, FAILED, ROLLED_BACK, Job, Updater
 from edgekit_runtime.bundle import fsync_dir
 from edgekit_runtime.runtime import AVAILABLE, Runtime
 from edgekit_runtime.signing import PublicKey
@@ -197,7 +197,10 @@ class Agent:
             if changed or time.monotonic() - self._last_report > 1.0:  # progress, at most once a second
                 self.report()
         elif kind == "tick" and up is not None:
+            before = {m: j.state for m, j in up.jobs.items()}
             requests += up.tick()
+            if before != {m: j.state for m, j in up.jobs.items()}:
+                self.report()
         elif kind == "loaded":
             if up is not None:
                 requests += up.resume()
@@ -237,7 +240,7 @@ class Agent:
             for name, want in desired.models.items():
                 have = models.get(name) or ReportedModel(state="pending", reason="not served here yet")
                 job = jobs.get(name)
-                shown = job is not None and (job.state in ACTIVE_STATES or job.state == FAILED)
+                shown = job is not None and (job.state in ACTIVE_STATES or job.state in (FAILED, ROLLED_BACK))
                 if job is not None and shown and job.version == want.version:
                     have = have.model_copy(
                         update={

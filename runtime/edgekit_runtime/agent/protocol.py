@@ -162,6 +162,7 @@ class DesiredModel(BaseModel):
     artifact: Artifact | None = None
     allow_signature_change: bool = False
     rollout: str = ""
+    health_window_s: float = Field(default=0.0, ge=0, le=7 * 86400, description="watch the new version this long")
 
 
 class Desired(_Message):

@@ -2,7 +2,14 @@
 smoke-test by loading it beside the serving version, switch, or refuse and stay on what serves.
 
 States (the rollout status shows them): ``downloading`` -> ``verifying`` -> ``installing`` ->
-``testing`` -> ``succeeded`` or ``failed`` (with a reason a user can act on). The machine is plain
+``testing`` -> (``watching``, during a health window) -> ``succeeded``, or ``failed`` /
+``rolled_back`` with a reason a user can act on.
+
+The health window: after the switch the new version's server error rate and p95 latency on this
+device are compared with the previous version's figures here; with at least MIN_REQUESTS requests
+in the window, an error rate over the previous one plus ERROR_MARGIN, or a p95 over LATENCY_FACTOR
+times the previous p95, puts the previous version back by itself and reports ``rolled_back`` with
+the figures. The machine is plain
 logic over a job record: the Agent feeds it events (a desired version, a chunk, a clock tick) and
 publishes the chunk requests it returns, so tests can drive it without a broker.
 
@@ -26,6 +33,7 @@ from edgekit_runtime.agent.download import Download, DownloadError
 from edgekit_runtime.agent.protocol import MAX_WINDOW, Artifact, Chunk, ChunkRequest, DesiredModel
 from edgekit_runtime.bundle import Bundle, Manifest, read_bundle
 from edgekit_runtime.errors import BundleError, EdgekitError
+from edgekit_runtime.metrics import Figures
 from edgekit_runtime.runtime import AVAILABLE, Runtime
 from edgekit_runtime.signing import PublicKey, verify_bundle
 from edgekit_runtime.store import install_bundle
@@ -36,8 +44,11 @@ __all__ = ["Job", "Updater", "signature_change"]
 log = logging.getLogger("edgekit_runtime.agent")
 
 DOWNLOADING, VERIFYING, INSTALLING, TESTING = "downloading", "verifying", "installing", "testing"
-SUCCEEDED, FAILED = "succeeded", "failed"
-ACTIVE_STATES = (DOWNLOADING, VERIFYING, INSTALLING, TESTING)
+WATCHING, SUCCEEDED, FAILED, ROLLED_BACK = "watching", "succeeded", "failed", "rolled_back"
+ACTIVE_STATES = (DOWNLOADING, VERIFYING, INSTALLING, TESTING, WATCHING)
+MIN_REQUESTS = 20
+ERROR_MARGIN = 0.05
+LATENCY_FACTOR = 2.0
 #: Chunks asked for at once (the device's one outstanding window).
 WINDOW = 8
 #: Ask again for what is missing when nothing arrived for this long (a broker restart, a hub restart).
@@ -59,6 +70,10 @@ class Job:
     started: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     done_chunks: int = 0
+    health_window: float = 0.0
+    switched_at: float = 0.0
+    baseline: dict[str, Any] = field(default_factory=dict)  # the previous version's figures at the switch
+    watch_from: dict[str, Any] = field(default_factory=dict)  # the new version's figures at the switch
 
     @property
     def art(self) -> Artifact:
@@ -141,6 +156,7 @@ class Updater:
             rollout=desired.rollout,
             allow_signature_change=desired.allow_signature_change,
             previous=active,
+            health_window=desired.health_window_s,
         )
         self.jobs[model] = job
         log.info("update %s v%d: downloading %d bytes", model, job.version, desired.artifact.size)
@@ -175,6 +191,8 @@ class Updater:
         out: list[ChunkRequest] = []
         now = time.monotonic()
         for job in self.jobs.values():
+            if job.state == WATCHING:
+                self._watch(job)
             if job.state != DOWNLOADING:
                 continue
             asked, at = self._asked.get(job.model, (set(), 0.0))
@@ -192,6 +210,8 @@ class Updater:
                 out += self._requests(job)
             elif job.state in (INSTALLING, TESTING):
                 self._judge(job)
+            elif job.state == WATCHING:  # the counters restarted with the process: watch from now
+                job.watch_from = _dump(self.runtime.metrics.figures(job.model, job.version))
         return out
 
     # -- steps --------------------------------------------------------------------------------
@@ -284,11 +304,17 @@ class Updater:
         except EdgekitError:
             serving = None
         if serving == job.version:
-            job.state = SUCCEEDED
             job.reason = ""
             job.updated = time.time()
             log.info("update %s v%d: serving", job.model, job.version)
             self._clean(job)
+            if job.health_window > 0 and job.previous is not None:
+                job.state = WATCHING
+                job.switched_at = time.time()
+                job.baseline = _dump(self.runtime.metrics.figures(job.model, job.previous))
+                job.watch_from = _dump(self.runtime.metrics.figures(job.model, job.version))
+            else:
+                job.state = SUCCEEDED
             return
         statuses = self.runtime.status(job.model) if job.model in self.runtime.models() else []
         status = next((s for s in statuses if s.version == job.version), None)
@@ -296,6 +322,42 @@ class Updater:
         shutil.rmtree(self.store / job.model / str(job.version), ignore_errors=True)
         self.runtime.refresh()
         self._fail(job, why)
+
+    def _watch(self, job: Job) -> None:
+        """During the health window: roll back when the new version does worse than the old did."""
+        now = self.runtime.metrics.figures(job.model, job.version)
+        seen = now.since(_load(job.watch_from))
+        before = _load(job.baseline)
+        worse = ""
+        if seen.requests >= MIN_REQUESTS:
+            if seen.error_rate > before.error_rate + ERROR_MARGIN:
+                worse = (
+                    f"server error rate {seen.error_rate:.1%} over {seen.requests:.0f} requests against "
+                    f"{before.error_rate:.1%} for v{job.previous}"
+                )
+            p95, old95 = seen.quantile(0.95), before.quantile(0.95)
+            enough = before.requests >= MIN_REQUESTS
+            if not worse and enough and p95 is not None and old95 is not None and p95 > LATENCY_FACTOR * old95:
+                worse = f"p95 latency {p95 * 1e3:.1f} ms against {old95 * 1e3:.1f} ms for v{job.previous}"
+        if worse:
+            self._roll_back(job, f"health window: {worse}")
+        elif time.time() - job.switched_at >= job.health_window:
+            job.state = SUCCEEDED
+            job.updated = time.time()
+            log.info("update %s v%d: health window passed (%d requests)", job.model, job.version, seen.requests)
+
+    def _roll_back(self, job: Job, reason: str) -> None:
+        """Put the previous version back: the new one leaves the store, the runtime loads the old."""
+        shutil.rmtree(self.store / job.model / str(job.version), ignore_errors=True)
+        self.runtime.refresh()
+        try:
+            serving = self.runtime.get(job.model).version
+        except EdgekitError:
+            serving = None
+        job.state = ROLLED_BACK
+        job.reason = reason if serving == job.previous else f"{reason}; v{job.previous} did not load back either"
+        job.updated = time.time()
+        log.warning("update %s v%d rolled back to v%s: %s", job.model, job.version, job.previous, job.reason)
 
     def _clean(self, job: Job) -> None:
         """Keep the new version and the one before it (for going back); remove older ones that are
@@ -334,6 +396,7 @@ class Updater:
 
     @staticmethod
     def restore(raw: dict[str, Any]) -> dict[str, Job]:
+        """Jobs from the agent's state file; an unreadable one is dropped with a warning."""
         jobs: dict[str, Job] = {}
         for m, d in raw.items():
             try:
@@ -341,3 +404,14 @@ class Updater:
             except TypeError:
                 log.warning("update job of %s unreadable in the agent state; the hub will send it again", m)
         return jobs
+
+
+def _dump(f: Figures) -> dict[str, Any]:
+    return {"requests": f.requests, "server_errors": f.server_errors, "buckets": [list(b) for b in f.buckets]}
+
+
+def _load(d: dict[str, Any]) -> Figures:
+    if not d:
+        return Figures(0.0, 0.0, ())
+    buckets = tuple((float(a), float(b)) for a, b in d["buckets"])
+    return Figures(float(d["requests"]), float(d["server_errors"]), buckets)
