@@ -339,3 +339,219 @@ def test_a_batch_that_is_not_full_waits_for_the_timeout_to_gather_rows() -> None
         np.testing.assert_array_equal(f.result(WAIT)["y"], rows(1, i) * 2)
     assert be.batches == [4]  # the fourth row filled the batch: it closed without waiting the ten minutes
     b.close()
+
+
+def test_the_queue_holds_exactly_its_capacity_and_says_what_is_wrong() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings(max_batch_size=2, max_enqueued_batches=2))
+    first = blocked(be, b)
+    assert b.max_request_rows == 4
+    exactly = b.submit({"x": rows(4)}, 4)  # a request of the whole capacity fits
+    assert b.queue_depth == 4
+    with pytest.raises(UnavailableError) as full:
+        b.submit({"x": rows(1)}, 1)
+    assert full.value.message == "the model's queue is full (4 rows waiting, max_enqueued_batches=2); retry later"
+    with pytest.raises(InvalidInputError) as never:
+        b.submit({"x": rows(5)}, 5)
+    assert never.value.message == (
+        "a request of 5 rows exceeds what the queue can ever hold "
+        "(max_enqueued_batches x max_batch_size = 4 rows); send fewer rows per request"
+    )
+    gate.set()
+    np.testing.assert_array_equal(exactly.result(WAIT)["y"], rows(4) * 2)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    assert b.queue_depth == 0
+    b.close()
+    with pytest.raises(UnavailableError) as closed:
+        b.submit({"x": rows(1)}, 1)
+    assert closed.value.message == "this model version is unloading; retry"
+
+
+def test_batching_off_counts_requests_and_says_so() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings(enabled=False, max_enqueued_batches=1))
+    first = blocked(be, b)
+    assert b.max_request_rows == 1 << 62  # any number of rows: each request runs alone
+    queued = b.submit({"x": rows(3)}, 3)
+    assert b.queue_depth == 1
+    with pytest.raises(UnavailableError) as full:
+        b.submit({"x": rows(1)}, 1)
+    assert full.value.message == "the model's queue is full (1 requests waiting, max_enqueued_batches=1); retry later"
+    gate.set()
+    np.testing.assert_array_equal(queued.result(WAIT)["y"], rows(3) * 2)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+
+
+def test_padded_sizes_must_fit_the_models_fixed_batch_and_name_the_fix() -> None:
+    from edgekit_runtime.batching import padded_sizes
+
+    with pytest.raises(InvalidInputError) as e:
+        padded_sizes(settings(max_batch_size=8, allowed_batch_sizes=[3, 8]), 2)
+    assert e.value.message == (
+        "allowed_batch_sizes [3, 8] must be multiples of the model's fixed batch 2; "
+        "change them or turn batching off for this model"
+    )
+    assert padded_sizes(settings(max_batch_size=8, allowed_batch_sizes=[4, 8]), 4) == [4, 8]
+    assert padded_sizes(settings(max_batch_size=8, allowed_batch_sizes=[4, 8]), None) == [4, 8]
+    assert padded_sizes(settings(max_batch_size=8), 4) == []
+
+
+@pytest.mark.parametrize(
+    ("kw", "backend", "sizes"),
+    [
+        ({"enabled": False}, FakeBackend(), [1]),
+        ({"enabled": False}, FakeBackend(fixed=3), [3]),
+        ({"max_batch_size": 8, "allowed_batch_sizes": [2, 8]}, FakeBackend(), [2, 8]),
+        ({"max_batch_size": 8, "allowed_batch_sizes": [2, 8]}, FakeBackend(fmt="tflite"), [2, 8]),
+        ({"max_batch_size": 6}, FakeBackend(fmt="tflite"), [1, 2, 4, 6]),
+        ({"max_batch_size": 1}, FakeBackend(fmt="tflite"), [1]),
+        ({"max_batch_size": 6, "enabled": False}, FakeBackend(fmt="tflite"), [1]),
+        ({"max_batch_size": 6}, FakeBackend(fmt="tflite", fixed=2), [2, 6]),
+        ({"max_batch_size": 6}, FakeBackend(), [1, 6]),
+        ({"max_batch_size": 1}, FakeBackend(), [1]),
+        ({"max_batch_size": 6}, FakeBackend(fixed=2), [2, 6]),
+    ],
+)
+def test_batch_sizes_are_every_size_a_worker_runs(
+    kw: dict[str, object], backend: FakeBackend, sizes: list[int]
+) -> None:
+    assert batch_sizes(settings(**kw), backend) == sizes
+
+
+def test_litert_rounds_down_only_with_batching_on_and_no_allowed_sizes() -> None:
+    gate = threading.Event()
+    be = FakeBackend(fmt="tflite", gate=gate)
+    b = Batcher([be], settings(max_batch_size=8, allowed_batch_sizes=[2, 8]))
+    first = blocked(be, b)
+    futs = [b.submit({"x": rows(1, i)}, 1) for i in range(3)]
+    gate.set()
+    for i, f in enumerate(futs):
+        np.testing.assert_array_equal(f.result(WAIT)["y"], rows(1, i) * 2)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+    assert be.batches == [2, 8]  # 1 row padded to 2, then 3 rows padded to 8: not cut to 2 + 1
+
+
+def test_a_fixed_batch_model_without_allowed_sizes_is_padded_to_its_multiple() -> None:
+    gate = threading.Event()
+    be = FakeBackend(fixed=2, gate=gate)
+    b = Batcher([be], settings(max_batch_size=4))
+    first = blocked(be, b)
+    x = rows(3)
+    fut = b.submit({"x": x}, 3)
+    gate.set()
+    np.testing.assert_array_equal(fut.result(WAIT)["y"], x * 2)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+    assert be.batches == [2, 2, 2]  # 1 row padded to 2; 3 rows padded to 4, run as two of the fixed 2
+
+
+def test_cancelled_callers_are_skipped_and_the_others_answered() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings(max_batch_size=8))
+
+    async def main() -> dict[str, np.ndarray]:
+        first = b.submit_async({"x": rows(1, 1000)}, 1)
+        while not be.started.is_set():
+            await asyncio.sleep(0.01)
+        gone = b.submit_async({"x": rows(2)}, 2)
+        stays = b.submit_async({"x": rows(1, 10)}, 1)
+        gone.cancel()
+        gate.set()
+        await first
+        return await stays
+
+    stays = asyncio.run(main())
+    b.close()
+    np.testing.assert_array_equal(stays["y"], rows(1, 10) * 2)
+    assert be.batches == [1, 1]  # the cancelled rows never ran
+
+
+class SecondGateBackend(FakeBackend):
+    """Holds its second batch until ``second`` is set (the first runs at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.second = threading.Event()
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super()._run(feeds)
+        if len(self.batches) == 2:
+            assert self.second.wait(WAIT)
+        return out
+
+
+def test_an_asyncio_caller_cancelled_while_its_batch_runs_does_not_stop_the_others() -> None:
+    """A batch's results reach a loop in one call: a cancelled future in it must not cost the ones after it."""
+    be = SecondGateBackend()
+    b = Batcher([be], settings(max_batch_size=8, batch_timeout_micros=0))
+
+    async def main() -> tuple[bool, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        gate = threading.Event()
+        be.gate = gate
+        first = b.submit_async({"x": rows(1, 1000)}, 1)
+        while not be.started.is_set():
+            await asyncio.sleep(0.01)
+        a = b.submit_async({"x": rows(1)}, 1)
+        c = b.submit_async({"x": rows(1, 5)}, 1)
+        d = b.submit_async({"x": -rows(1, 5)}, 1)
+        gate.set()
+        await first
+        while len(be.batches) < 2:  # the batch of a, c and d is running, held by the second gate
+            await asyncio.sleep(0.01)
+        a.cancel()
+        be.second.set()
+        return a.cancelled(), await c, await d
+
+    cancelled, c, d = asyncio.run(asyncio.wait_for(main(), WAIT))
+    b.close()
+    assert cancelled
+    assert be.batches == [1, 3]
+    np.testing.assert_array_equal(c["y"], rows(1, 5) * 2)
+    np.testing.assert_array_equal(d["y"], -rows(1, 5) * 2)
+
+
+def test_a_failure_reaches_asyncio_callers_with_the_error() -> None:
+    be = FakeBackend(fail=lambda x: True)
+    b = Batcher([be], settings())
+
+    async def main() -> None:
+        await b.submit_async({"x": rows(1)}, 1)
+
+    with pytest.raises(BackendError, match="scripted failure"):
+        asyncio.run(main())
+    b.close()
+
+
+def test_close_without_draining_fails_the_queued_callers_and_closes_the_backends() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    closed: list[bool] = []
+    be.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    b = Batcher([be], settings())
+    first = blocked(be, b)
+    queued = b.submit({"x": rows(2)}, 2)
+    closer = threading.Thread(target=b.close, kwargs={"drain": False})
+    closer.start()
+    with pytest.raises(UnavailableError, match="the model was unloaded; retry"):
+        queued.result(WAIT)
+    assert b.queue_depth == 0
+    gate.set()
+    closer.join(WAIT)
+    assert not closer.is_alive()
+    np.testing.assert_array_equal(first.result(WAIT)["y"], rows(1, 1000) * 2)  # type: ignore[attr-defined]
+    assert closed == [True]
+    assert all(not t.is_alive() for t in b._threads)
+
+
+def test_a_batcher_needs_a_backend_and_names_its_threads() -> None:
+    with pytest.raises(ValueError, match=r"^a batcher needs at least one backend$"):
+        Batcher([], settings())
+    b = Batcher([FakeBackend(), FakeBackend()], settings(num_batch_threads=2), name="mlp-3")
+    assert [t.name for t in b._threads] == ["edgekit-batch-mlp-3-0", "edgekit-batch-mlp-3-1"]
+    assert all(t.daemon for t in b._threads)  # a stuck engine never keeps the process from exiting
+    b.close()

@@ -1,9 +1,11 @@
-"""TF Serving REST edge cases the fuzzers found: odd numbers, deep nesting and odd versions are 4xx, never 500."""
+"""TF Serving REST: edge cases the fuzzers found (odd numbers, deep nesting and odd versions are 4xx, never 500)
+and the metadata and status documents, whole."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,3 +77,51 @@ def test_odd_versions_are_404(client: Client, version: str) -> None:
     error(client.post(f"/v1/models/mlp/versions/{version}:predict", json={"instances": [[1, 2, 3, 4]]}), 404)
     body = {"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}
     error(client.post(f"/v2/models/mlp/versions/{version}/infer", json=body), 404)
+
+
+def test_metadata_is_tf_servings_whole_document(client: Client) -> None:
+    tensor = {
+        "x": {"dtype": "DT_FLOAT", "name": "x", "unknown_rank": False, "dims": ["-1", "4"]},
+        "output_0": {"dtype": "DT_FLOAT", "name": "output_0", "unknown_rank": False, "dims": ["-1", "3"]},
+    }
+
+    def info(name: str) -> dict[str, Any]:
+        t = tensor[name]
+        return {
+            "dtype": t["dtype"],
+            "tensor_shape": {"dim": [{"size": d, "name": ""} for d in t["dims"]], "unknown_rank": False},
+            "name": t["name"],
+        }
+
+    want = {
+        "model_spec": {"name": "mlp", "signature_name": "", "version": "1"},
+        "metadata": {
+            "signature_def": {
+                "signature_def": {
+                    "serving_default": {
+                        "inputs": {"x": info("x")},
+                        "outputs": {"output_0": info("output_0")},
+                        "method_name": "tensorflow/serving/predict",
+                    }
+                }
+            }
+        },
+    }
+    r = client.get("/v1/models/mlp/metadata")
+    assert r.status_code == 200
+    assert r.json() == want
+    assert client.get("/v1/models/mlp/versions/1/metadata").json() == want
+    int8 = client.get("/v1/models/int8/metadata").json()["metadata"]["signature_def"]["signature_def"]
+    assert int8["serving_default"]["inputs"]["x"]["dtype"] == "DT_INT8"
+
+
+def test_status_is_tf_servings_whole_document(client: Client) -> None:
+    want = {
+        "model_version_status": [
+            {"version": "1", "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+        ]
+    }
+    assert client.get("/v1/models/mlp").json() == want
+    assert client.get("/v1/models/mlp/versions/1").json() == want
+    r = client.post("/v1/models/mlp:reload")
+    assert (r.status_code, r.json()) == (200, want)

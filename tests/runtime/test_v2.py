@@ -213,3 +213,50 @@ def test_500s_are_counted_too(client: Client, runtime: Runtime, monkeypatch: pyt
     assert 'edgekit_http_errors_total{code="500",kind="ZeroDivisionError"} 1.0' in text
     assert 'edgekit_http_errors_total{code="404",kind="NotFoundError"}' in text
     assert 'edgekit_http_errors_total{code="404",kind="RouteNotFoundError"}' in text
+
+
+# -- metadata, readiness and the repository routes: whole documents -----------------------------
+
+
+def test_model_metadata_is_the_whole_protocol_document(client: Client) -> None:
+    doc = {
+        "name": "mlp",
+        "versions": ["1"],
+        "platform": "tensorflow_lite",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4]}],
+        "outputs": [{"name": "output_0", "datatype": "FP32", "shape": [-1, 3]}],
+    }
+    r = client.get("/v2/models/mlp")
+    assert r.status_code == 200
+    assert r.json() == doc
+    assert client.get("/v2/models/mlp/versions/1").json() == doc
+    assert client.get("/v2/models/mlp/versions/2").status_code == 404  # the version asked, not the newest
+
+
+def test_model_ready_says_why_not(client: Client) -> None:
+    assert client.get("/v2/models/mlp/versions/1/ready").json() == {"name": "mlp", "ready": True}
+    r = client.get("/v2/models/mlp/versions/2/ready")
+    assert r.status_code == 400
+    doc = r.json()
+    assert set(doc) == {"name", "ready", "error"}
+    assert (doc["name"], doc["ready"]) == ("mlp", False)
+    assert "version 2" in doc["error"]
+
+
+def test_load_retries_the_model_and_answers_an_empty_object(client: Client) -> None:
+    r = client.post("/v2/repository/models/mlp/load")
+    assert (r.status_code, r.json()) == (200, {})
+    r = client.post("/v2/repository/models/nope/load")
+    assert r.status_code == 404
+    assert "nope" in r.json()["error"]
+
+
+def test_binary_outputs_are_raw_little_endian_and_bytes_are_length_prefixed() -> None:
+    from edgekit_runtime.server.v2 import _raw
+
+    assert _raw(np.array([[1, 2], [3, 4]], dtype="<i2")) == b"\x01\x00\x02\x00\x03\x00\x04\x00"
+    assert _raw(np.array([1, 2], dtype=">i2")) == b"\x01\x00\x02\x00"  # big-endian data leaves little-endian
+    assert _raw(np.array([1.0], dtype=">f4")) == np.array([1.0], "<f4").tobytes()
+    assert _raw(np.arange(6, dtype="<i4").reshape(2, 3).T) == np.arange(6, dtype="<i4").reshape(2, 3).T.tobytes()
+    text = np.array([[b"ab", "c"], [b"", 7]], dtype=object)
+    assert _raw(text) == b"\x02\x00\x00\x00ab\x01\x00\x00\x00c\x00\x00\x00\x00\x01\x00\x00\x007"
