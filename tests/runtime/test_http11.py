@@ -411,3 +411,21 @@ def test_the_queued_rows_of_a_client_that_hangs_up_are_dropped(
         assert _metric(p, "edgekit_queue_depth") == 0
     finally:
         _stop(proc)
+
+
+def _http_errors(port: int, code: int, kind: str) -> float:
+    with connect(port) as sock:
+        [(status, _, body)] = http(sock, get("/metrics"))
+    assert status == 200
+    line = f'edgekit_http_errors_total{{code="{code}",kind="{kind}"}} '
+    values = [float(ln[len(line) :]) for ln in body.decode().splitlines() if ln.startswith(line)]
+    return values[0] if values else 0.0
+
+
+def test_the_servers_own_refusals_are_counted_like_every_error_reply(port: int) -> None:
+    before = (_http_errors(port, 400, "http"), _http_errors(port, 413, "http"))
+    with connect(port) as sock:
+        assert http(sock, b"GARBAGE\r\n\r\n")[0][0] == 400
+    with connect(port) as sock:
+        assert http(sock, post_head("/v1/models/mlp:predict", f"Content-Length: {LIMIT + 1}\r\n"))[0][0] == 413
+    assert (_http_errors(port, 400, "http"), _http_errors(port, 413, "http")) == (before[0] + 1, before[1] + 1)

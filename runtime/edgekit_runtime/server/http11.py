@@ -271,6 +271,7 @@ class _Connection(asyncio.Protocol):
                 continue
             if exc is not None:  # dispatch maps every error; this is a last resort, never a crash
                 log.error("request handler failed", exc_info=exc)
+                self.app.runtime.metrics.http_error(500, type(exc).__name__)
                 reply = Reply(500, orjson.dumps({"error": f"internal error: {exc}"}))
                 self._write(reply, mode._replace(keep_alive=False))
                 continue
@@ -315,7 +316,9 @@ class _Connection(asyncio.Protocol):
             transport.write(b"".join(head))
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer (after any pending replies) and close: the rest of this connection is unreadable."""
+        """Answer (after any pending replies) and close: the rest of this connection is unreadable.
+        Counted like every other error reply (edgekit_http_errors_total, kind "http")."""
+        self.app.runtime.metrics.http_error(status, "http")
         self.refused = True
         self.closing = True
         self.request_started = None
