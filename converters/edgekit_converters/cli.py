@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import sys
@@ -212,7 +213,10 @@ def convert(  # noqa: PLR0917 - click passes every option as an argument
         labels_output=labels_output,
     )
     out = _stderr_console()
-    with _RichReporter(out) as reporter:
+    # The live display only on a terminal: redirected to a file or a pipe it would leave a blank
+    # line (its last frame, erased) before every message that follows, the error line included.
+    progress = _RichReporter(out) if out.is_terminal else contextlib.nullcontext(Reporter())
+    with progress as reporter:
         report = run(model, loaded, options, reporter)
     if as_json:
         emit_json(report.as_dict())
