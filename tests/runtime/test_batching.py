@@ -469,6 +469,7 @@ def test_cancelled_callers_are_skipped_and_the_others_answered() -> None:
     b.close()
     np.testing.assert_array_equal(stays["y"], rows(1, 10) * 2)
     assert be.batches == [1, 1]  # the cancelled rows never ran
+    assert b.queue_depth == 0
 
 
 class SecondGateBackend(FakeBackend):
@@ -555,3 +556,106 @@ def test_a_batcher_needs_a_backend_and_names_its_threads() -> None:
     assert [t.name for t in b._threads] == ["edgekit-batch-mlp-3-0", "edgekit-batch-mlp-3-1"]
     assert all(t.daemon for t in b._threads)  # a stuck engine never keeps the process from exiting
     b.close()
+
+
+def test_a_split_request_cancelled_half_way_leaves_nothing_queued() -> None:
+    be = SecondGateBackend()
+    b = Batcher([be], settings(max_batch_size=2))
+
+    async def main() -> None:
+        big = b.submit_async({"x": rows(5)}, 5)  # batches of 2 + 2 + 1 rows
+        while len(be.batches) < 2:  # the second part is running, held by the gate
+            await asyncio.sleep(0.01)
+        big.cancel()
+        be.second.set()
+        after = await b.submit_async({"x": rows(1, 7)}, 1)
+        np.testing.assert_array_equal(after["y"], rows(1, 7) * 2)
+
+    asyncio.run(asyncio.wait_for(main(), WAIT))
+    b.close()
+    assert be.batches == [2, 2, 1]  # the last row of the cancelled request never ran; the 1 is the next request
+    assert b.queue_depth == 0
+
+
+def test_batching_off_skips_cancelled_requests() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings(enabled=False))
+    first = blocked(be, b)
+    gone = b.submit({"x": rows(2)}, 2)
+    stays = b.submit({"x": rows(3)}, 3)
+    assert gone.cancel()
+    gate.set()
+    np.testing.assert_array_equal(stays.result(WAIT)["y"], rows(3) * 2)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+    assert be.batches == [1, 3]
+
+
+def test_litert_takes_a_whole_queue_of_max_batch_size_rows() -> None:
+    gate = threading.Event()
+    be = FakeBackend(fmt="tflite", gate=gate)
+    b = Batcher([be], settings(max_batch_size=6))
+    first = blocked(be, b)
+    futs = [b.submit({"x": rows(1, i)}, 1) for i in range(6)]
+    gate.set()
+    for f in futs:
+        f.result(WAIT)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+    assert be.batches == [1, 6]  # 6 is an allowed size (the max): not cut to 4
+
+
+def test_a_batch_of_an_allowed_size_is_not_padded() -> None:
+    be = FakeBackend()
+    b = Batcher([be], settings(max_batch_size=8, allowed_batch_sizes=[2, 4, 8]))
+    for n in (2, 4, 1):
+        np.testing.assert_array_equal(b.submit({"x": rows(n)}, n).result(WAIT)["y"], rows(n) * 2)
+    b.close()
+    assert be.batches == [2, 4, 2]
+
+
+class OutputBackend(FakeBackend):
+    """Returns what ``make`` makes of the doubled input."""
+
+    def __init__(self, make: Callable[[np.ndarray], object]) -> None:
+        super().__init__()
+        self.make = make
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {"y": self.make(super()._run(feeds)["y"])}  # type: ignore[dict-item]
+
+
+def test_one_dimensional_outputs_of_one_value_per_row_are_fine() -> None:
+    b = Batcher([OutputBackend(lambda y: y[:, 0])], settings())
+    np.testing.assert_array_equal(b.submit({"x": rows(3)}, 3).result(WAIT)["y"], rows(3)[:, 0] * 2)
+    b.close()
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(lambda y: np.float32(1.0), "float32"), (lambda y: np.zeros(()), "[]"), (lambda y: y[:1], "[1, 2]")],
+)
+def test_outputs_that_are_not_one_row_per_input_row_say_so(make: Callable[[np.ndarray], object], shape: str) -> None:
+    b = Batcher([OutputBackend(make)], settings())
+    with pytest.raises(BackendError) as e:
+        b.submit({"x": rows(3)}, 3).result(WAIT)
+    assert e.value.message == (
+        f"output 'y' has shape {shape}, not one row per input row (3); this model cannot be batched: "
+        "turn batching off for it"
+    )
+    b.close()
+
+
+def test_an_engine_crash_is_reported_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    def on_batch(n: int, padded: int) -> None:
+        raise RuntimeError("metrics broke")
+
+    crash = OutputBackend(lambda y: (_ for _ in ()).throw(ValueError("bad weights")))
+    b = Batcher([crash], settings(), on_batch=on_batch)
+    with caplog.at_level("ERROR", logger="edgekit_runtime.batching"):
+        with pytest.raises(BackendError) as e:
+            b.submit({"x": rows(3)}, 3).result(WAIT)
+        b.close()
+    assert e.value.message == "the model failed to run: ValueError: bad weights"
+    assert [r.getMessage() for r in caplog.records] == ["batch of 3 rows failed", "the batch callback failed"]
