@@ -10,6 +10,7 @@ recommends.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,11 +44,19 @@ def _static_int8(base: Path, out: Path, profile: Profile, calibration: Dataset) 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     c = profile.conversion
+    base, out = base.resolve(), out.resolve()
     pre = out.with_name(out.stem + "_pre.onnx")
+    # ORT's symbolic shape inference writes sym_shape_infer_temp.onnx into the working directory:
+    # run it in the conversion's own temporary folder, never the user's.
+    cwd = Path.cwd()
+    os.chdir(out.parent)
     try:
-        quant_pre_process(str(base), str(pre), skip_symbolic_shape=False)
-    except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs; ORT allows skipping it
-        quant_pre_process(str(base), str(pre), skip_symbolic_shape=True)
+        try:
+            quant_pre_process(str(base), str(pre), skip_symbolic_shape=False)
+        except Exception:  # noqa: BLE001 - symbolic shape inference fails on some graphs; ORT allows skipping it
+            quant_pre_process(str(base), str(pre), skip_symbolic_shape=True)
+    finally:
+        os.chdir(cwd)
     reader = _Reader(batches(calibration, c.calibration_samples))
     quantize_static(
         str(pre),
