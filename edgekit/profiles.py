@@ -6,14 +6,19 @@ Unknown keys, wrong types and impossible combinations are errors that name the k
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgekit.errors import ProfileError
 from edgekit_runtime.bundle import RuntimeSettings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6's Ubuntu 22.04)
+    import tomli as tomllib
 
 TFLITE_MODES = ("float32", "float16", "dynamic", "int8", "int8-only", "int16x8")
 ONNX_MODES = ("float32", "float16", "dynamic-int8", "static-int8")
