@@ -175,7 +175,9 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     """
     from edgekit_runtime.runtime import Runtime
     from edgekit_runtime.server import serve as run_server
+    from edgekit_runtime.server.run import check_http_server
 
+    check_http_server(http_server)  # before the config, the models and the agent: one line, exit 8
     config = load_config(config_path) if config_path is not None else Config()
     srv = config.server
     level = log_level or srv.log_level

@@ -1,5 +1,6 @@
 """Run the app on a socket bound up front: the native HTTP/1.1 server (``server/http11.py``) on uvloop
-by default, or uvicorn (``http="uvicorn"``, kept for comparison and for ASGI tooling).
+by default, or uvicorn (``http="uvicorn"``, kept for comparison and for ASGI tooling; an extra,
+``edgekit-ml-runtime[uvicorn]``, that the device install leaves out).
 
 The socket is bound before any model loads, so a busy port fails at once with a clear message,
 and ``/v2/health/live`` answers while the models are still loading (``/v2/health/ready`` turns 200
@@ -23,12 +24,12 @@ from functools import partial
 from typing import Any
 
 from edgekit_runtime.config import HTTP_SERVERS
-from edgekit_runtime.errors import EdgekitError, UnavailableError
+from edgekit_runtime.errors import EdgekitError, MissingDependencyError, UnavailableError
 from edgekit_runtime.runtime import Runtime
 from edgekit_runtime.server.app import App, create_app
 from edgekit_runtime.server.http11 import HttpServer
 
-__all__ = ["bind", "serve"]
+__all__ = ["bind", "check_http_server", "serve"]
 
 _GC_THRESHOLD = 50_000
 
@@ -69,6 +70,7 @@ def serve(
     if http not in HTTP_SERVERS:
         msg = f"unknown HTTP server {http!r}; choose one of {', '.join(HTTP_SERVERS)}"
         raise ValueError(msg)
+    check_http_server(http)
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
     stopper = _Stopper()
@@ -174,6 +176,14 @@ async def _serve_native(app: App, sock: socket.socket, stopper: _Stopper) -> Non
     finally:
         await server.stop()
         await asyncio.to_thread(app.shutdown)
+
+
+def check_http_server(http: str) -> None:
+    """MissingDependencyError (one line naming the pip command) when ``http`` is uvicorn and it is not
+    installed: it is an extra, so the device install does not carry it."""
+    if http == "uvicorn" and importlib.util.find_spec("uvicorn") is None:
+        msg = "--http uvicorn needs uvicorn, which is not installed: pip install 'edgekit-ml-runtime[uvicorn]'"
+        raise MissingDependencyError(msg)
 
 
 def _run_uvicorn(app: App, sock: socket.socket, log_level: str, stopper: _Stopper) -> None:
