@@ -50,6 +50,11 @@ def _register() -> None:
     cli.add_command(bundles.bench)
     for command in serving.COMMANDS:
         cli.add_command(command)
+    from edgekit.cli import fleet, hub
+
+    cli.add_command(hub.hub)
+    for command in fleet.COMMANDS:
+        cli.add_command(command)
     found: set[str] = set()
     for ep in entry_points(group="edgekit.commands"):
         try:

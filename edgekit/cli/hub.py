@@ -1,0 +1,70 @@
+"""`edgekit hub serve`: the long-running hub (registry and devices over an HTTP JSON API; docs/hub.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgekit.errors import InvalidInputError
+from edgekit_runtime.signing import load_public_key
+
+__all__ = ["hub"]
+
+
+@click.group()
+def hub() -> None:
+    """The fleet's hub: bundle registry and devices (docs/hub.md)."""
+
+
+@hub.command("serve")
+@click.option("--data", "data", type=click.Path(path_type=Path), required=True, help="the hub's state folder")
+@click.option("--http", "http", default="127.0.0.1:8600", show_default=True, help="HOST:PORT of the HTTP API")
+@click.option(
+    "--trust-key",
+    "trust_keys",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="public key (.pub) whose signed bundles may be pushed (repeatable); without one every push is refused",
+)
+@click.option("--broker", help="the fleet's MQTT broker, mqtt://HOST:PORT (kept for the MQTT link, next slice)")
+@click.option("--embedded-broker", is_flag=True, help="an in-process MQTT broker for a laptop (not built yet)")
+@click.option("--db", help="database URL: postgresql://USER@HOST:PORT/DB (default: SQLite in DATA/hub.db)")
+@click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), help="refuse bigger pushes")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="warning",
+    show_default=True,
+)
+def serve(
+    *,
+    data: Path,
+    http: str,
+    trust_keys: tuple[Path, ...],
+    broker: str | None,
+    embedded_broker: bool,
+    db: str | None,
+    max_upload_mb: float | None,
+    log_level: str,
+) -> None:
+    """Serve the hub on HTTP until SIGINT/SIGTERM. State (SQLite, artifacts, API token) lives in --data;
+    the API token is written to DATA/token (mode 0600) on first start."""
+    import logging
+
+    from edgekit.hub.server import HubConfig, parse_http, serve
+    from edgekit_runtime.agent.link import parse_broker_url
+
+    if embedded_broker:
+        msg = "--embedded-broker is not built yet: run an MQTT broker (mosquitto) and give --broker mqtt://HOST:PORT"
+        raise InvalidInputError(msg)
+    if broker:
+        parse_broker_url(broker)
+    host, port = parse_http(http)
+    trusted = tuple(load_public_key(p) for p in trust_keys)
+    extra = {} if max_upload_mb is None else {"max_upload_bytes": int(max_upload_mb * 1e6)}
+    config = HubConfig(
+        data=data, host=host, port=port, db=db, trusted=trusted, broker=broker, log_level=log_level, **extra
+    )
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(config, announce=lambda line: click.echo(line, err=True))

@@ -1,0 +1,249 @@
+"""The hub's HTTP JSON API (Starlette): a thin adapter over the registry and the devices.
+
+Every route but ``/healthz`` and ``/openapi.json`` needs ``Authorization: Bearer TOKEN``. Errors
+are ``{"error": "...", "kind": "..."}`` with the error's HTTP status, mapped in one place
+(``error_response``). The routes and their shapes are in docs/hub.md and ``openapi.py``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import re
+from collections import defaultdict
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from edgekit.hub.artifacts import Artifacts
+from edgekit.hub.devices import Devices
+from edgekit.hub.errors import UnauthorizedError, kind_of
+from edgekit.hub.openapi import BUNDLE_NAME_HEADER, document
+from edgekit.hub.registry import Registry, iso_time
+from edgekit.hub.store import BundleRecord, DeviceRecord
+from edgekit_runtime.errors import EdgekitError, InvalidInputError, PayloadTooLargeError
+
+__all__ = ["PUBLIC_PATHS", "bundle_json", "create_app", "device_json", "error_response"]
+
+log = logging.getLogger("edgekit.hub")
+
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_MAX_JSON_BODY = 64 << 10
+
+
+def error_response(error: EdgekitError) -> JSONResponse:
+    """The one mapping of edgekit's errors to HTTP."""
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, UnauthorizedError) else None
+    body = {"error": error.message, "kind": kind_of(error)}
+    return JSONResponse(body, status_code=error.http_status, headers=headers)
+
+
+def bundle_json(b: BundleRecord, *, signature: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "name": b.name,
+        "version": b.version,
+        "profile": b.profile,
+        "sha256": b.sha256,
+        "size_bytes": b.size_bytes,
+        "format": b.format,
+        "quantization": b.quantization,
+        "model_size_bytes": b.model_size_bytes,
+        "signer": b.signer,
+        "uploaded": iso_time(b.uploaded_at),
+    }
+    if signature:
+        out["inputs"] = b.manifest.get("inputs", [])
+        out["outputs"] = b.manifest.get("outputs", [])
+    return out
+
+
+def models_json(records: list[BundleRecord], *, signature: bool = False) -> list[dict[str, Any]]:
+    """Bundles grouped by model, then version (records come sorted by name, version, profile)."""
+    grouped: dict[str, dict[int, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for b in records:
+        grouped[b.name][b.version].append(bundle_json(b, signature=signature))
+    return [
+        {"name": name, "versions": [{"version": v, "bundles": bs} for v, bs in versions.items()]}
+        for name, versions in grouped.items()
+    ]
+
+
+def device_json(d: DeviceRecord) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "profile": d.profile,
+        "labels": d.labels,
+        "online": d.online,
+        "last_seen": None if d.last_seen is None else iso_time(d.last_seen),
+        "registered": iso_time(d.registered_at),
+        "models": {
+            name: {**m.detail, "active": m.active, "state": m.state, "reason": m.reason} for name, m in d.models.items()
+        },
+    }
+
+
+class _RequireToken:
+    """Refuses (401) every request without the hub's token, before routing, so unauthenticated
+    clients learn nothing of the routes."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+            scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+                why = "no API token" if not given.strip() else "wrong API token"
+                msg = f"{why}: send Authorization: Bearer TOKEN (the hub's token is in DATA/token)"
+                await error_response(UnauthorizedError(msg))(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _Api:
+    def __init__(self, registry: Registry, devices: Devices, artifacts: Artifacts, max_upload_bytes: int) -> None:
+        self.registry = registry
+        self.devices = devices
+        self.artifacts = artifacts
+        self.max_upload_bytes = max_upload_bytes
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(document())
+
+    async def push(self, request: Request) -> Response:
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype != "application/octet-stream":
+            msg = f"send the bundle file as the raw body with Content-Type: application/octet-stream, not {ctype!r}"
+            raise InvalidInputError(msg)
+        cap = self.max_upload_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise PayloadTooLargeError(self._too_big(int(declared)))
+        fd, path = self.artifacts.new_upload()
+        size = 0
+        try:
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > cap:
+                        raise PayloadTooLargeError(self._too_big(size))
+                    f.write(chunk)
+            if size == 0:
+                msg = "the body is empty: send the bundle file's bytes"
+                raise InvalidInputError(msg)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        name = request.headers.get(BUNDLE_NAME_HEADER, "")
+        where = name if _SAFE_NAME.match(name) else "upload"
+        result = await run_in_threadpool(self.registry.push, path, where=where)
+        body = {"bundle": bundle_json(result.bundle), "created": result.created}
+        return JSONResponse(body, status_code=201 if result.created else 200)
+
+    def _too_big(self, size: int) -> str:
+        return (
+            f"the upload is {size} bytes, over the hub's {self.max_upload_bytes}-byte cap; "
+            "start the hub with a bigger --max-upload-mb if the bundle really is that big"
+        )
+
+    async def models(self, request: Request) -> Response:
+        records = await run_in_threadpool(self.registry.bundles)
+        return JSONResponse({"models": models_json(records)})
+
+    async def model(self, request: Request) -> Response:
+        records = await run_in_threadpool(self.registry.bundles, request.path_params["name"])
+        return JSONResponse(models_json(records, signature=True)[0])
+
+    async def delete_version(self, request: Request) -> Response:
+        name, version = request.path_params["name"], request.path_params["version"]
+        gone = await run_in_threadpool(self.registry.delete, name, version)
+        return JSONResponse({"deleted": [bundle_json(b) for b in gone]})
+
+    async def list_devices(self, request: Request) -> Response:
+        found = await run_in_threadpool(self.devices.list)
+        return JSONResponse({"devices": [device_json(d) for d in found]})
+
+    async def device(self, request: Request) -> Response:
+        found = await run_in_threadpool(self.devices.get, request.path_params["id"])
+        return JSONResponse(device_json(found))
+
+    async def label(self, request: Request) -> Response:
+        body = await _json_body(request)
+        labels = body.get("labels") if isinstance(body, dict) else None
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and (v is None or isinstance(v, str)) for k, v in labels.items()
+        ):
+            msg = 'give {"labels": {"KEY": "VALUE", "OTHER": null}}: string values set labels, null removes them'
+            raise InvalidInputError(msg)
+        found = await run_in_threadpool(self.devices.label, request.path_params["id"], labels)
+        return JSONResponse(device_json(found))
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    if len(raw) > _MAX_JSON_BODY:
+        msg = f"the JSON body is {len(raw)} bytes, over the {_MAX_JSON_BODY}-byte cap"
+        raise PayloadTooLargeError(msg)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        msg = f"the body is not JSON: {e}"
+        raise InvalidInputError(msg) from None
+
+
+async def _edgekit_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, EdgekitError)
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; /openapi.json lists them"
+    elif exc.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; /openapi.json lists the methods"
+    else:
+        message = str(exc.detail)
+    kind = "not_found" if exc.status_code == 404 else "http"
+    return JSONResponse({"error": message, "kind": kind}, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    message = f"internal error: {type(exc).__name__}: {exc} (a bug: the hub's log has the traceback)"
+    return JSONResponse({"error": message, "kind": "internal"}, status_code=500)
+
+
+def create_app(registry: Registry, devices: Devices, *, token: str, max_upload_bytes: int = 2 << 30) -> Starlette:
+    api = _Api(registry, devices, registry.artifacts, max_upload_bytes)
+    routes = [
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route("/v1/bundles", api.push, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/v1/models/{name}", api.model, methods=["GET"]),
+        Route("/v1/models/{name}/versions/{version:int}", api.delete_version, methods=["DELETE"]),
+        Route("/v1/devices", api.list_devices, methods=["GET"]),
+        Route("/v1/devices/{id}", api.device, methods=["GET"]),
+        Route("/v1/devices/{id}/labels", api.label, methods=["PATCH"]),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(_RequireToken, token=token)],
+        exception_handlers={EdgekitError: _edgekit_error, HTTPException: _http_error, Exception: _internal_error},
+    )

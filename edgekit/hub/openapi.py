@@ -1,0 +1,229 @@
+"""The hub API's OpenAPI 3.1 document, written out by hand (a test checks it lists exactly the
+app's routes and methods)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgekit import __version__
+
+__all__ = ["BUNDLE_NAME_HEADER", "OPERATIONS", "document"]
+
+#: The pushed file's name, which the hub uses in its messages instead of its temporary path.
+BUNDLE_NAME_HEADER = "X-Edgekit-Bundle-Name"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_UNAUTHORIZED = {"401": _error("no token, or not the hub's (Authorization: Bearer TOKEN; DATA/token)")}
+_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+_DEVICE = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+
+#: (METHOD, path) -> operation. Keep in step with api.create_app's routes.
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    ("GET", "/healthz"): {
+        "summary": "Liveness (no token needed)",
+        "security": [],
+        "responses": {"200": _json({"type": "object", "properties": {"status": {"const": "ok"}}}, "the hub runs")},
+    },
+    ("GET", "/openapi.json"): {
+        "summary": "This document (no token needed)",
+        "security": [],
+        "responses": {"200": _json({"type": "object"}, "the OpenAPI document")},
+    },
+    ("POST", "/v1/bundles"): {
+        "summary": "Push a signed bundle (.ekb) as the raw body",
+        "parameters": [
+            {
+                "name": BUNDLE_NAME_HEADER,
+                "in": "header",
+                "required": False,
+                "description": "the file's name, used in error messages",
+                "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"},
+            }
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        "responses": {
+            "201": _json(_ref("PushResult"), "stored"),
+            "200": _json(_ref("PushResult"), "these exact bytes were already stored (created: false)"),
+            "400": _error("not a valid bundle, unsigned, signed by an untrusted key, or changed after signing"),
+            **_UNAUTHORIZED,
+            "409": _error("another bundle with this name, version and profile is stored"),
+            "413": _error("over the hub's upload cap"),
+        },
+    },
+    ("GET", "/v1/models"): {
+        "summary": "Every model, its versions and their bundles (one per profile)",
+        "responses": {
+            "200": _json(
+                {"type": "object", "properties": {"models": {"type": "array", "items": _ref("Model")}}}, "the models"
+            ),
+            **_UNAUTHORIZED,
+        },
+    },
+    ("GET", "/v1/models/{name}"): {
+        "summary": "One model, with each bundle's input and output signature",
+        "parameters": [_NAME],
+        "responses": {"200": _json(_ref("Model"), "the model"), **_UNAUTHORIZED, "404": _error("no such model")},
+    },
+    ("DELETE", "/v1/models/{name}/versions/{version}"): {
+        "summary": "Delete every profile's bundle of NAME vVERSION",
+        "parameters": [_NAME, _VERSION],
+        "responses": {
+            "200": _json(
+                {"type": "object", "properties": {"deleted": {"type": "array", "items": _ref("Bundle")}}},
+                "what was deleted",
+            ),
+            **_UNAUTHORIZED,
+            "404": _error("no such version"),
+            "409": _error("a device runs this version or a rollout targets it"),
+        },
+    },
+    ("GET", "/v1/devices"): {
+        "summary": "Every device that registered",
+        "responses": {
+            "200": _json(
+                {"type": "object", "properties": {"devices": {"type": "array", "items": _ref("Device")}}},
+                "the devices",
+            ),
+            **_UNAUTHORIZED,
+        },
+    },
+    ("GET", "/v1/devices/{id}"): {
+        "summary": "One device",
+        "parameters": [_DEVICE],
+        "responses": {"200": _json(_ref("Device"), "the device"), **_UNAUTHORIZED, "404": _error("no such device")},
+    },
+    ("PATCH", "/v1/devices/{id}/labels"): {
+        "summary": "Set (string) or remove (null) a device's labels",
+        "parameters": [_DEVICE],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["labels"],
+                        "properties": {
+                            "labels": {"type": "object", "additionalProperties": {"type": ["string", "null"]}}
+                        },
+                    }
+                }
+            },
+        },
+        "responses": {
+            "200": _json(_ref("Device"), "the device with its new labels"),
+            "400": _error("a bad label key or value"),
+            **_UNAUTHORIZED,
+            "404": _error("no such device"),
+        },
+    },
+}
+
+_BUNDLE = {
+    "type": "object",
+    "required": ["name", "version", "profile", "sha256", "size_bytes", "signer", "uploaded"],
+    "properties": {
+        "name": {"type": "string"},
+        "version": {"type": "integer"},
+        "profile": {"type": "string"},
+        "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "size_bytes": {"type": "integer", "description": "the bundle file"},
+        "format": {"enum": ["tflite", "onnx"]},
+        "quantization": {"type": "string"},
+        "model_size_bytes": {"type": "integer", "description": "the model file inside"},
+        "signer": {"type": "string", "description": "key id of the signing key"},
+        "uploaded": {"type": "string", "format": "date-time"},
+        "inputs": {"type": "array", "description": "GET /v1/models/{name} only"},
+        "outputs": {"type": "array", "description": "GET /v1/models/{name} only"},
+    },
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "kind"],
+        "properties": {
+            "error": {"type": "string", "description": "what was wrong and how to fix it"},
+            "kind": {
+                "type": "string",
+                "description": "signature, bundle, payload_too_large, invalid_input, not_found, conflict, "
+                "unauthorized, unavailable, http, internal, error",
+            },
+        },
+    },
+    "Bundle": _BUNDLE,
+    "PushResult": {
+        "type": "object",
+        "properties": {"bundle": _ref("Bundle"), "created": {"type": "boolean"}},
+    },
+    "Model": {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "versions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "version": {"type": "integer"},
+                        "bundles": {"type": "array", "items": _ref("Bundle")},
+                    },
+                },
+            },
+        },
+    },
+    "Device": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "profile": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "online": {"type": "boolean"},
+            "last_seen": {"type": ["string", "null"], "format": "date-time"},
+            "registered": {"type": "string", "format": "date-time"},
+            "models": {
+                "type": "object",
+                "description": "per model: the active version and the agent's reported state",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": {
+                        "active": {"type": ["integer", "null"]},
+                        "state": {"type": "string"},
+                        "reason": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for (method, path), operation in OPERATIONS.items():
+        paths.setdefault(path, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "edgekit hub", "version": __version__, "description": "docs/hub.md"},
+        "paths": paths,
+        "components": {
+            "schemas": _SCHEMAS,
+            "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"token": []}],
+    }
