@@ -171,3 +171,24 @@ def test_bundles_of_an_unknown_model_is_not_found(registry: Registry) -> None:
     assert registry.bundles() == []
     with pytest.raises(NotFoundError, match=r"no model 'digits' on the hub"):
         registry.bundles("digits")
+
+
+def test_concurrent_different_pushes_of_one_name_version_profile(registry: Registry, bundle: BundleFactory) -> None:
+    """Whatever the interleaving (PostgreSQL lets both check before either inserts; the loser's
+    insert fails on the unique key and looks again), one wins and the rest are conflicts."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [bundle(seed=s) for s in range(4)]
+
+    def attempt(path: Path) -> str:
+        try:
+            return "created" if push(registry, path).created else "same"
+        except ConflictError:
+            return "conflict"
+
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = sorted(pool.map(attempt, paths))
+    assert outcomes == ["conflict", "conflict", "conflict", "created"]
+    rows, files = leftovers(registry)
+    assert rows == ["digits:1:raspberrypi"]
+    assert len(files) == 1
