@@ -104,6 +104,7 @@ class Link:
         self._keepalive = keepalive
         self._stop = threading.Event()
         self._is_connected = threading.Event()
+        self._connecting = False  # CONNECT sent, CONNACK not yet seen: owned by the loop thread
         self._thread: threading.Thread | None = None
         self.last_error = ""
         self.connects = 0
@@ -175,7 +176,6 @@ class Link:
                 self._stop.wait(self._delay(attempt))
                 attempt += 1
 
-    _connecting = False
 
     def _note(self, error: str) -> None:
         if error != self.last_error:
