@@ -42,8 +42,18 @@ class Migration:
     upgrade: Callable[[Connection], None]
 
 
-#: Steps after BASELINE, in order (none yet).
-MIGRATIONS: tuple[Migration, ...] = ()
+def _v2_rollouts(conn: Connection) -> None:
+    """v1 -> v2: the rollout engine's state (rollouts.reason/wave, rollout_devices), the desired
+    state per device, and each device's previous version of a model."""
+    conn.execute(sa.text("ALTER TABLE rollouts ADD COLUMN reason TEXT NOT NULL DEFAULT ''"))
+    conn.execute(sa.text("ALTER TABLE rollouts ADD COLUMN wave INTEGER NOT NULL DEFAULT 0"))
+    conn.execute(sa.text("ALTER TABLE device_models ADD COLUMN previous_version INTEGER"))
+    schema.rollout_devices.create(conn)
+    schema.desired_states.create(conn)
+
+
+#: Steps after BASELINE, in order.
+MIGRATIONS: tuple[Migration, ...] = (Migration(2, "rollout state, desired states, previous versions", _v2_rollouts),)
 
 
 def head(migrations: Sequence[Migration] = MIGRATIONS) -> int:

@@ -16,6 +16,8 @@ Semantics (AWS IoT Jobs' abort criteria and timeouts, hawkBit's groups, plus wha
   further device starts, and the devices this rollout already switched are put back on their
   previous version (AWS IoT Jobs only cancels queued executions; hawkBit only pauses).
 - A device whose profile has no bundle of the version is ``skipped`` with the reason.
+- A rollback is a rollout too, in which each device has its own target: the version it ran before
+  (``Target.target``); a device with none known is skipped.
 """
 
 from __future__ import annotations
@@ -82,15 +84,24 @@ class RolloutSpec:
     abort_min_devices: int = 1
     device_timeout: float = 600.0  # seconds in one state
     retries: int = 1
+    kind: str = "deploy"  # or "rollback": each device's own previous version
+    selector: str = "all"
+    health_window: float = 0.0  # seconds the device watches the new version after switching
+    shadow: float = 0.0  # seconds of live traffic mirrored to the new version before switching
+    min_agreement: float | None = None  # a share: 0.99 = 99 % top-1 agreement in the shadow check
+    allow_signature_change: bool = False
 
 
 @dataclass(frozen=True)
 class Target:
-    """A device the rollout targets: its id, profile and the version it runs now."""
+    """A device the rollout targets: its id, profile and the version it runs now; ``target`` is its
+    own goal when it is not the rollout's version (a rollback), ``skip`` why it cannot take part."""
 
     device: str
     profile: str
     active: int | None
+    target: int | None = None
+    skip: str = ""
 
 
 @dataclass
@@ -106,6 +117,7 @@ class DeviceRun:
     started: bool = False
     switched: bool = False  # it served the new version at some point of this rollout
     reverted: bool = False  # asked to go back after an abort
+    target: int = 0  # the version this device is brought to (the rollout's, or its own in a rollback)
 
 
 @dataclass(frozen=True)
@@ -147,18 +159,23 @@ class Rollout:
     def plan(self, targets: list[Target], profiles: set[str], now: float) -> list[Action]:
         """Assign targets to waves (devices without a bundle for their profile are skipped) and start
         the first wave."""
-        runnable = [t for t in targets if t.profile in profiles]
-        sizes = _wave_sizes(self.spec.waves, len(runnable)) if runnable else []
+        have = ", ".join(sorted(profiles)) or "none"
+        runnable = []
         for t in targets:
-            if t.profile not in profiles:
-                have = ", ".join(sorted(profiles)) or "none"
+            goal = self.spec.version if t.target is None else t.target
+            why = t.skip
+            if not why and t.target is None and t.profile not in profiles:
                 why = f"no bundle of {self.spec.model} v{self.spec.version} for profile {t.profile!r} (pushed: {have})"
-                self.devices[t.device] = DeviceRun(t.device, 0, t.profile, t.active, "skipped", why, now)
-        for i, t in enumerate(runnable):
+            if why:
+                self.devices[t.device] = DeviceRun(t.device, 0, t.profile, t.active, "skipped", why, now, target=goal)
+            else:
+                runnable.append((t, goal))
+        sizes = _wave_sizes(self.spec.waves, len(runnable)) if runnable else []
+        for i, (t, goal) in enumerate(runnable):
             wave = next(w for w, size in enumerate(sizes, 1) if i < size)
-            run = DeviceRun(t.device, wave, t.profile, t.active, since=now)
-            if t.active == self.spec.version:
-                run.state, run.reason, run.started = "succeeded", "already runs this version", True
+            run = DeviceRun(t.device, wave, t.profile, t.active, since=now, target=goal)
+            if t.active == goal:
+                run.state, run.reason, run.started = "succeeded", f"already runs v{goal}", True
             self.devices[t.device] = run
         return self._advance(now)
 
@@ -171,12 +188,12 @@ class Rollout:
         if run is None or not run.started or run.reverted:
             return []  # not part of it, or told to go back after an abort: its reports are about that
         if self.state == "aborted":
-            if active == self.spec.version:  # it finished switching after the abort: back it goes
+            if active == run.target:  # it finished switching after the abort: back it goes
                 run.switched = True
                 return self._revert(run)
             return []
         new = run.state
-        if active == self.spec.version and state in ("serving", "succeeded"):
+        if active == run.target and state in ("serving", "succeeded"):
             new, run.switched = "succeeded", True
         elif state == "failed":
             new = "failed"
@@ -202,7 +219,7 @@ class Rollout:
                         run.since = now
                         retry = f"retry {run.attempts - 1}/{self.spec.retries}"
                         run.reason = f"timed out in {run.state}; asked again ({retry})"
-                        actions.append(Action(run.device, self.spec.version))
+                        actions.append(Action(run.device, run.target))
                     else:
                         run.state = "failed"
                         wait = self.spec.device_timeout
@@ -264,7 +281,7 @@ class Rollout:
                 if not run.started:
                     run.started, run.since, run.attempts = True, now, 1
                     if run.state == "pending":
-                        actions.append(Action(run.device, self.spec.version))
+                        actions.append(Action(run.device, run.target))
 
     def _abort(self, rate: float, finished: int) -> list[Action]:
         self.state = "aborted"

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["bundles", "device_models", "devices", "metadata", "rollouts", "schema_version"]
+__all__ = [
+    "bundles",
+    "desired_states",
+    "device_models",
+    "devices",
+    "metadata",
+    "rollout_devices",
+    "rollouts",
+    "schema_version",
+]
 
 metadata = sa.MetaData()
 
@@ -65,11 +74,13 @@ device_models = sa.Table(
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("detail", sa.JSON, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    # the version it ran before the active one (schema v2): what `edgekit rollback` goes back to
+    sa.Column("previous_version", sa.Integer, nullable=True),
     sa.Index("ix_device_models_model_active", "model", "active_version"),
 )
 
-#: Rollouts, as little as the registry needs (a delete is refused while one targets the version);
-#: the rollout slice extends it (a migration) with the engine's per-device state.
+#: Rollouts (rollout.RolloutSpec as ``spec``; the engine's state as ``state``, ``reason``, ``wave``;
+#: schema v2 added the last two and ``rollout_devices``).
 rollouts = sa.Table(
     "rollouts",
     metadata,
@@ -80,5 +91,37 @@ rollouts = sa.Table(
     sa.Column("spec", sa.JSON, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("wave", sa.Integer, nullable=False, server_default="0"),
     sa.Index("ix_rollouts_model_version", "model", "version"),
+)
+
+#: One device's run in a rollout (rollout.DeviceRun), so a rollout survives a hub restart.
+rollout_devices = sa.Table(
+    "rollout_devices",
+    metadata,
+    sa.Column("rollout_id", sa.String(64), sa.ForeignKey("rollouts.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("wave", sa.Integer, nullable=False),
+    sa.Column("profile", sa.String(128), nullable=False),
+    sa.Column("previous", sa.Integer, nullable=True),
+    sa.Column("target", sa.Integer, nullable=False),
+    sa.Column("state", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("since", sa.Float, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("started", sa.Boolean, nullable=False),
+    sa.Column("switched", sa.Boolean, nullable=False),
+    sa.Column("reverted", sa.Boolean, nullable=False),
+)
+
+#: What the hub wants each device to run (protocol.Desired): the source of truth for the retained
+#: ``desired`` messages, republished from here after a broker or hub restart.
+desired_states = sa.Table(
+    "desired_states",
+    metadata,
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("generation", sa.Integer, nullable=False),
+    sa.Column("models", sa.JSON, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
 )

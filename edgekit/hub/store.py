@@ -63,6 +63,7 @@ class DeviceModelRecord:
     reason: str
     detail: dict[str, Any]
     updated_at: float
+    previous: int | None = None  # the version it ran before ``active`` (what a rollback goes back to)
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,61 @@ class Tx:
             )
         )
 
+    # -- rollouts ---------------------------------------------------------------------------------
+
+    def rollout_rows(self, ids: Sequence[str] | None = None, *, active_only: bool = False) -> list[dict[str, Any]]:
+        """Rollouts as plain rows, newest first, each with its ``devices`` (rollout_devices rows)."""
+        r, rd = schema.rollouts, schema.rollout_devices
+        query = sa.select(r).order_by(r.c.created_at.desc(), r.c.id)
+        if ids is not None:
+            query = query.where(r.c.id.in_(ids))
+        if active_only:
+            query = query.where(r.c.state.in_(ACTIVE_ROLLOUT_STATES))
+        rows = [dict(row._mapping) for row in self.conn.execute(query)]
+        if not rows:
+            return rows
+        by_id = {row["id"]: row for row in rows}
+        for row in rows:
+            row["devices"] = []
+        dq = sa.select(rd).where(rd.c.rollout_id.in_(list(by_id))).order_by(rd.c.rollout_id, rd.c.wave, rd.c.device_id)
+        for d in self.conn.execute(dq):
+            m = dict(d._mapping)
+            by_id[m.pop("rollout_id")]["devices"].append(m)
+        return rows
+
+    def save_rollout(self, rollout_id: str, *, state: str, reason: str, wave: int, now: float) -> None:
+        r = schema.rollouts
+        self.conn.execute(
+            r.update().where(r.c.id == rollout_id).values(state=state, reason=reason, wave=wave, updated_at=now)
+        )
+
+    def save_rollout_devices(self, rollout_id: str, runs: Sequence[dict[str, Any]], *, insert: bool = False) -> None:
+        """Write device runs (rollout.DeviceRun as dicts with ``device``): insert when new, else update."""
+        rd = schema.rollout_devices
+        for run in runs:
+            values = {k: v for k, v in run.items() if k != "device"}
+            if insert:
+                self.conn.execute(rd.insert().values(rollout_id=rollout_id, device_id=run["device"], **values))
+            else:
+                self.conn.execute(
+                    rd.update().where(rd.c.rollout_id == rollout_id, rd.c.device_id == run["device"]).values(**values)
+                )
+
+    # -- desired states ---------------------------------------------------------------------------
+
+    def desired_states(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        ds = schema.desired_states
+        return {
+            m["device_id"]: (m["generation"], m["models"])
+            for m in (r._mapping for r in self.conn.execute(sa.select(ds)))
+        }
+
+    def save_desired(self, device_id: str, generation: int, models: dict[str, Any], now: float) -> None:
+        ds = schema.desired_states
+        values = {"generation": generation, "models": models, "updated_at": now}
+        if self.conn.execute(ds.update().where(ds.c.device_id == device_id).values(**values)).rowcount == 0:
+            self.conn.execute(ds.insert().values(device_id=device_id, **values))
+
     # -- devices --------------------------------------------------------------------------------
 
     def devices(self, ids: Sequence[str] | None = None) -> list[DeviceRecord]:
@@ -225,7 +281,13 @@ class Tx:
         for row in self.conn.execute(models_query):
             m = row._mapping
             models.setdefault(m["device_id"], {})[m["model"]] = DeviceModelRecord(
-                m["model"], m["active_version"], m["state"], m["reason"], m["detail"], m["updated_at"]
+                m["model"],
+                m["active_version"],
+                m["state"],
+                m["reason"],
+                m["detail"],
+                m["updated_at"],
+                m["previous_version"],
             )
         return [
             DeviceRecord(
@@ -272,12 +334,29 @@ class Tx:
         now: float,
     ) -> None:
         dm = schema.device_models
-        values = {"active_version": active, "state": state, "reason": reason, "detail": detail or {}, "updated_at": now}
-        updated = self.conn.execute(
-            dm.update().where(dm.c.device_id == device_id, dm.c.model == model).values(**values)
-        )
-        if updated.rowcount == 0:
+        values: dict[str, Any] = {
+            "active_version": active,
+            "state": state,
+            "reason": reason,
+            "detail": detail or {},
+            "updated_at": now,
+        }
+        where = (dm.c.device_id == device_id, dm.c.model == model)
+        before = self.conn.execute(sa.select(dm.c.active_version).where(*where)).first()
+        if before is None:
             self.conn.execute(dm.insert().values(device_id=device_id, model=model, **values))
+            return
+        if active is not None and before[0] is not None and before[0] != active:
+            values["previous_version"] = before[0]  # the active version changed: remember the one before
+        self.conn.execute(dm.update().where(*where).values(**values))
+
+    def ensure_device(self, device_id: str, now: float) -> None:
+        """A report from a device whose presence has not arrived yet: register it, profile unknown."""
+        d = schema.devices
+        if self.conn.execute(sa.select(d.c.id).where(d.c.id == device_id)).first() is None:
+            self.conn.execute(
+                d.insert().values(id=device_id, profile="", labels={}, online=True, last_seen=now, registered_at=now)
+            )
 
     def set_labels(self, device_id: str, changes: dict[str, str | None]) -> bool:
         """Set labels (a None value removes the key); False when there is no such device."""

@@ -50,7 +50,7 @@ def test_a_fresh_database_is_created_at_the_newest_version(db_url: str) -> None:
 
 
 def test_an_older_database_is_upgraded_in_order_and_a_failing_step_rolls_back(db_url: str) -> None:
-    Store.open(db_url).close()
+    Store.open(db_url, ()).close()  # stamped v1 (the runner's own steps below, not the hub's)
     step2 = Migration(2, "devices.notes", add_notes)
     store = Store.open(db_url, [step2])
     assert versions(store) == [1, 2]
@@ -74,8 +74,12 @@ def test_an_older_database_is_upgraded_in_order_and_a_failing_step_rolls_back(db
 
 
 def test_a_newer_database_is_refused(db_url: str) -> None:
-    Store.open(db_url, [Migration(2, "devices.notes", add_notes)]).close()
-    with pytest.raises(InvalidInputError, match=r"has hub schema v2, newer than this hub's v1: upgrade edgekit-ml"):
+    newer = [*MIGRATIONS, Migration(head() + 1, "devices.notes", add_notes)]
+    Store.open(db_url, newer).close()
+    v, h = head() + 1, head()
+    with pytest.raises(
+        InvalidInputError, match=rf"has hub schema v{v}, newer than this hub's v{h}: upgrade edgekit-ml"
+    ):
         Store.open(db_url)
 
 
@@ -95,3 +99,106 @@ def test_migrations_must_be_numbered_in_order(db_url: str) -> None:
             migrate(engine, [Migration(3, "", add_notes), Migration(2, "", add_notes)])
     finally:
         engine.dispose()
+
+
+def _v1_tables() -> sa.MetaData:
+    """The tables as the first release (schema v1) created them, frozen here."""
+    md = sa.MetaData()
+    sa.Table(
+        "schema_version",
+        md,
+        sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("description", sa.String(200), nullable=False),
+        sa.Column("applied_at", sa.Float, nullable=False),
+    )
+    sa.Table(
+        "bundles",
+        md,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        *(
+            sa.Column(n, sa.String(128), nullable=False)
+            for n in ("name", "profile", "format", "quantization", "signer")
+        ),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("sha256", sa.String(64), nullable=False),
+        sa.Column("size_bytes", sa.BigInteger, nullable=False),
+        sa.Column("model_size_bytes", sa.BigInteger, nullable=False),
+        sa.Column("uploaded_at", sa.Float, nullable=False),
+        sa.Column("manifest", sa.JSON, nullable=False),
+    )
+    sa.Table(
+        "devices",
+        md,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("profile", sa.String(128), nullable=False),
+        sa.Column("labels", sa.JSON, nullable=False),
+        sa.Column("online", sa.Boolean, nullable=False),
+        sa.Column("last_seen", sa.Float, nullable=True),
+        sa.Column("registered_at", sa.Float, nullable=False),
+    )
+    sa.Table(
+        "device_models",
+        md,
+        sa.Column("device_id", sa.String(64), sa.ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("model", sa.String(128), primary_key=True),
+        sa.Column("active_version", sa.Integer, nullable=True),
+        sa.Column("state", sa.String(32), nullable=False),
+        sa.Column("reason", sa.Text, nullable=False),
+        sa.Column("detail", sa.JSON, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    )
+    sa.Table(
+        "rollouts",
+        md,
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column("model", sa.String(128), nullable=False),
+        sa.Column("version", sa.Integer, nullable=False),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column("spec", sa.JSON, nullable=False),
+        sa.Column("created_at", sa.Float, nullable=False),
+        sa.Column("updated_at", sa.Float, nullable=False),
+    )
+    return md
+
+
+def test_a_v1_database_with_rows_is_migrated_to_v2_keeping_them(db_url: str) -> None:
+    engine = sa.create_engine(db_url)
+    v1 = _v1_tables()
+    with engine.begin() as conn:
+        v1.create_all(conn)
+        conn.execute(v1.tables["schema_version"].insert().values(version=1, description="created", applied_at=0.0))
+        conn.execute(
+            v1.tables["devices"]
+            .insert()
+            .values(id="pi-1", profile="raspberrypi", labels={}, online=True, registered_at=1.0)
+        )
+        conn.execute(
+            v1.tables["device_models"]
+            .insert()
+            .values(
+                device_id="pi-1",
+                model="digits",
+                active_version=3,
+                state="serving",
+                reason="",
+                detail={},
+                updated_at=1.0,
+            )
+        )
+        conn.execute(
+            v1.tables["rollouts"]
+            .insert()
+            .values(id="r1", model="digits", version=3, state="completed", spec={}, created_at=1.0, updated_at=1.0)
+        )
+    engine.dispose()
+    store = Store.open(db_url)
+    try:
+        assert versions(store) == [1, 2]
+        with store.begin() as tx:
+            dev = tx.device("pi-1")
+            assert dev is not None and dev.models["digits"].active == 3
+            assert tx.rollouts_targeting("digits", 3) == []  # completed
+        for table in schema.metadata.tables.values():
+            assert set(columns(db_url, table.name)) == {c.name for c in table.columns}
+    finally:
+        store.close()

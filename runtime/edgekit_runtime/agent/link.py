@@ -62,6 +62,8 @@ class Link:
         backoff_base, backoff_max: seconds; the reconnect waits' starting and largest cap.
         keepalive: seconds; the broker declares the client gone (and sends the will) after 1.5x this.
         tls_ca, tls_cert, tls_key: files for TLS (mqtts://) with a client certificate.
+        max_inflight: QoS 1 messages sent and not yet acknowledged (paho's default is 20; the hub,
+            which answers a whole fleet's chunk requests, raises it).
     """
 
     def __init__(
@@ -77,6 +79,7 @@ class Link:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        max_inflight: int = 20,
     ) -> None:
         import paho.mqtt.client as mqtt
 
@@ -94,6 +97,7 @@ class Link:
             self._client.tls_set(ca_certs=tls_ca, certfile=tls_cert, keyfile=tls_key)
         if will is not None:
             self._client.will_set(will[0], will[1], qos=1, retain=True)
+        self._client.max_inflight_messages_set(max_inflight)
         self._client.on_connect = self._connected
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
@@ -112,7 +116,8 @@ class Link:
     # -- use ----------------------------------------------------------------------------------
 
     def subscribe(self, topic: str, handler: Handler) -> None:
-        """Deliver messages on ``topic`` (no wildcards) to ``handler``; kept across reconnects."""
+        """Deliver messages on ``topic`` to ``handler``; kept across reconnects. ``topic`` may hold
+        MQTT wildcards (``+``, ``#``): the hub subscribes to every device's topics at once."""
         self._handlers[topic] = handler
         if self._is_connected.is_set():
             self._client.subscribe(topic, qos=1)
@@ -210,6 +215,9 @@ class Link:
     def _message(self, client: object, userdata: object, message: object) -> None:
         topic = getattr(message, "topic", "")
         handler = self._handlers.get(topic)
+        if handler is None:
+            matches = (h for pattern, h in self._handlers.items() if self._mqtt.topic_matches_sub(pattern, topic))
+            handler = next(matches, None)
         if handler is None:
             return
         try:
