@@ -28,10 +28,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from edgekit.hub.artifacts import Artifacts
 from edgekit.hub.devices import Devices
 from edgekit.hub.errors import UnauthorizedError, kind_of
+from edgekit.hub.fleet import DeployRequest, Fleet
 from edgekit.hub.openapi import BUNDLE_NAME_HEADER, document
 from edgekit.hub.registry import Registry, iso_time
 from edgekit.hub.store import BundleRecord, DeviceRecord
-from edgekit_runtime.errors import EdgekitError, InvalidInputError, PayloadTooLargeError
+from edgekit_runtime.errors import EdgekitError, InvalidInputError, PayloadTooLargeError, UnavailableError
 
 __all__ = ["PUBLIC_PATHS", "bundle_json", "create_app", "device_json", "error_response"]
 
@@ -113,11 +114,21 @@ class _RequireToken:
 
 
 class _Api:
-    def __init__(self, registry: Registry, devices: Devices, artifacts: Artifacts, max_upload_bytes: int) -> None:
+    def __init__(
+        self, registry: Registry, devices: Devices, artifacts: Artifacts, max_upload_bytes: int, fleet: Fleet | None
+    ) -> None:
         self.registry = registry
         self.devices = devices
         self.artifacts = artifacts
         self.max_upload_bytes = max_upload_bytes
+        self._fleet = fleet
+
+    @property
+    def fleet(self) -> Fleet:
+        if self._fleet is None:
+            msg = "this hub has no MQTT broker to reach devices: start it with --broker mqtt://HOST:PORT"
+            raise UnavailableError(msg)
+        return self._fleet
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -193,6 +204,28 @@ class _Api:
         found = await run_in_threadpool(self.devices.label, request.path_params["id"], labels)
         return JSONResponse(device_json(found))
 
+    async def deploy(self, request: Request) -> Response:
+        req = DeployRequest.from_json(await _json_body(request))
+        return JSONResponse(await run_in_threadpool(self.fleet.deploy, req), status_code=201)
+
+    async def rollback(self, request: Request) -> Response:
+        req = DeployRequest.from_json(await _json_body(request), rollback=True)
+        return JSONResponse(await run_in_threadpool(self.fleet.deploy, req), status_code=201)
+
+    async def rollouts(self, request: Request) -> Response:
+        return JSONResponse({"rollouts": await run_in_threadpool(self.fleet.summaries)})
+
+    async def rollout(self, request: Request) -> Response:
+        return JSONResponse(await run_in_threadpool(self.fleet.status, request.path_params["id"]))
+
+    async def control(self, request: Request) -> Response:
+        rid, action = request.path_params["id"], request.path_params["action"]
+        if action not in ("pause", "resume", "cancel"):
+            msg = f"no rollout action {action!r}: pause, resume or cancel"
+            raise InvalidInputError(msg)
+        await run_in_threadpool(self.fleet.control, rid, action)
+        return JSONResponse(await run_in_threadpool(self.fleet.status, rid))
+
 
 async def _json_body(request: Request) -> Any:
     raw = await request.body()
@@ -229,8 +262,15 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return JSONResponse({"error": message, "kind": "internal"}, status_code=500)
 
 
-def create_app(registry: Registry, devices: Devices, *, token: str, max_upload_bytes: int = 2 << 30) -> Starlette:
-    api = _Api(registry, devices, registry.artifacts, max_upload_bytes)
+def create_app(
+    registry: Registry,
+    devices: Devices,
+    *,
+    token: str,
+    max_upload_bytes: int = 2 << 30,
+    fleet: Fleet | None = None,
+) -> Starlette:
+    api = _Api(registry, devices, registry.artifacts, max_upload_bytes, fleet)
     routes = [
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
@@ -241,6 +281,11 @@ def create_app(registry: Registry, devices: Devices, *, token: str, max_upload_b
         Route("/v1/devices", api.list_devices, methods=["GET"]),
         Route("/v1/devices/{id}", api.device, methods=["GET"]),
         Route("/v1/devices/{id}/labels", api.label, methods=["PATCH"]),
+        Route("/v1/rollouts", api.deploy, methods=["POST"]),
+        Route("/v1/rollouts", api.rollouts, methods=["GET"]),
+        Route("/v1/rollouts/{id}", api.rollout, methods=["GET"]),
+        Route("/v1/rollouts/{id}/{action}", api.control, methods=["POST"]),
+        Route("/v1/rollbacks", api.rollback, methods=["POST"]),
     ]
     return Starlette(
         routes=routes,

@@ -89,6 +89,26 @@ class HubClient:
         result: dict[str, Any] = self._request("PATCH", path, json={"labels": changes})
         return result
 
+    def deploy(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start a rollout; its status document."""
+        result: dict[str, Any] = self._request("POST", "/v1/rollouts", json=body)
+        return result
+
+    def rollback(self, body: dict[str, Any]) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("POST", "/v1/rollbacks", json=body)
+        return result
+
+    def rollouts(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/rollouts")["rollouts"])
+
+    def rollout(self, rollout_id: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"/v1/rollouts/{_segment(rollout_id)}")
+        return result
+
+    def control(self, rollout_id: str, action: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("POST", f"/v1/rollouts/{_segment(rollout_id)}/{action}")
+        return result
+
 
 def _segment(value: str) -> str:
     from urllib.parse import quote

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgekit import __version__
+from edgekit.hub.rollout import DEVICE_STATES
 
 __all__ = ["BUNDLE_NAME_HEADER", "OPERATIONS", "document"]
 
@@ -29,6 +30,9 @@ _UNAUTHORIZED = {"401": _error("no token, or not the hub's (Authorization: Beare
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
 _DEVICE = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ROLLOUT = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+_DURATION = {"type": ["string", "number"], "description": "30s, 5m, 1h or seconds"}
+_DEVICE_STATES = list(DEVICE_STATES)
 
 #: (METHOD, path) -> operation. Keep in step with api.create_app's routes.
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
@@ -132,6 +136,56 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "404": _error("no such device"),
         },
     },
+    ("POST", "/v1/rollouts"): {
+        "summary": "Start a rollout of NAME vVERSION to the devices --to selects (`edgekit deploy`)",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("DeployRequest")}}},
+        "responses": {
+            "201": _json(_ref("Rollout"), "the rollout, started"),
+            "400": _error("a bad option, or a selector that matches no device"),
+            **_UNAUTHORIZED,
+            "404": _error("no bundle of that version, or an unknown device id"),
+            "409": _error("another rollout of the model is running or paused"),
+            "503": _error("the hub has no MQTT broker (--broker)"),
+        },
+    },
+    ("GET", "/v1/rollouts"): {
+        "summary": "Every rollout, newest first (without the per-device list)",
+        "responses": {
+            "200": _json(
+                {"type": "object", "properties": {"rollouts": {"type": "array", "items": _ref("Rollout")}}},
+                "the rollouts",
+            ),
+            **_UNAUTHORIZED,
+        },
+    },
+    ("GET", "/v1/rollouts/{id}"): {
+        "summary": "One rollout's status, per device",
+        "parameters": [_ROLLOUT],
+        "responses": {"200": _json(_ref("Rollout"), "the rollout"), **_UNAUTHORIZED, "404": _error("no such rollout")},
+    },
+    ("POST", "/v1/rollouts/{id}/{action}"): {
+        "summary": "pause, resume or cancel a rollout",
+        "parameters": [
+            _ROLLOUT,
+            {"name": "action", "in": "path", "required": True, "schema": {"enum": ["pause", "resume", "cancel"]}},
+        ],
+        "responses": {
+            "200": _json(_ref("Rollout"), "the rollout after the change"),
+            **_UNAUTHORIZED,
+            "404": _error("no such rollout"),
+            "409": _error("the rollout is not in a state that allows this"),
+        },
+    },
+    ("POST", "/v1/rollbacks"): {
+        "summary": "A rollout of each selected device back to its previous version (`edgekit rollback`)",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("DeployRequest")}}},
+        "responses": {
+            "201": _json(_ref("Rollout"), "the rollback rollout, started"),
+            "400": _error("a bad option, or a selector that matches no device"),
+            **_UNAUTHORIZED,
+            "409": _error("another rollout of the model is running or paused"),
+        },
+    },
 }
 
 _BUNDLE = {
@@ -182,6 +236,56 @@ _SCHEMAS: dict[str, Any] = {
                     "properties": {
                         "version": {"type": "integer"},
                         "bundles": {"type": "array", "items": _ref("Bundle")},
+                    },
+                },
+            },
+        },
+    },
+    "DeployRequest": {
+        "type": "object",
+        "required": ["model"],
+        "additionalProperties": False,
+        "properties": {
+            "model": {"type": "string"},
+            "version": {"type": "integer", "minimum": 1, "description": "required for a rollout, ignored by rollbacks"},
+            "to": {"type": "string", "description": "all, id1,id2, or KEY=VALUE[,KEY=VALUE]", "default": "all"},
+            "waves": {"type": "string", "description": "cumulative wave sizes: 1,10%,50%,100%", "default": "100%"},
+            "abort_failure_rate": {"type": "number", "minimum": 0, "maximum": 100, "default": 20},
+            "abort_min_devices": {"type": "integer", "minimum": 1, "default": 1},
+            "device_timeout": {**_DURATION, "default": 600},
+            "retries": {"type": "integer", "minimum": 0, "default": 1},
+            "health_window": {**_DURATION, "default": 0},
+            "shadow": {**_DURATION, "default": 0},
+            "min_agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 100},
+            "allow_signature_change": {"type": "boolean", "default": False},
+        },
+    },
+    "Rollout": {
+        "type": "object",
+        "required": ["id", "model", "version", "state"],
+        "properties": {
+            "id": {"type": "string"},
+            "kind": {"enum": ["deploy", "rollback"]},
+            "model": {"type": "string"},
+            "version": {"type": ["integer", "null"], "description": "null for a rollback (each device's own)"},
+            "state": {"enum": ["running", "paused", "completed", "aborted", "cancelled"]},
+            "reason": {"type": "string"},
+            "wave": {"type": "integer"},
+            "counts": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "failure_rate": {"type": "number"},
+            "devices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["device", "wave", "state", "reason"],
+                    "properties": {
+                        "device": {"type": "string"},
+                        "wave": {"type": "integer"},
+                        "state": {"enum": _DEVICE_STATES},
+                        "reason": {"type": "string"},
+                        "previous": {"type": ["integer", "null"]},
+                        "target": {"type": "integer"},
+                        "progress": {"type": "object", "description": "chunks held and chunks in all"},
                     },
                 },
             },
