@@ -261,18 +261,32 @@ class Batcher:
     def _run(self, backend: Backend, items: list[tuple[_Task, int, int]]) -> None:
         """Run one batch and resolve every caller in it. Whatever fails (joining the rows, the engine,
         an output that does not split back, the metrics callback) fails this batch's callers that are
-        still waiting, never the worker: a dead worker would leave every later request queued."""
+        still waiting, never the worker: a dead worker would leave every later request queued. The
+        batch is counted before any caller hears back, so a reply's batch is already in /metrics."""
         rows = sum(e - s for _, s, e in items)
         padded = rows
         try:
             padded = self._pad_to(rows)
             out = self._execute(backend, items, rows, padded)
+        except Exception as e:  # noqa: BLE001 - any failure fails this batch (logged in _failure), never the worker
+            error = self._failure(e, rows)
+            self._record(rows, padded)
+            self._fail(items, error)
+            return
+        self._record(rows, padded)
+        try:
             self._deliver(items, out)
-        except EdgekitError as e:
-            self._fail(items, e)
-        except Exception as e:
-            log.exception("batch of %d rows failed", rows)
-            self._fail(items, BackendError(f"the model failed to run: {type(e).__name__}: {e}"))
+        except Exception as e:  # noqa: BLE001 - as above
+            self._fail(items, self._failure(e, rows))
+
+    @staticmethod
+    def _failure(e: Exception, rows: int) -> EdgekitError:
+        if isinstance(e, EdgekitError):
+            return e
+        log.exception("batch of %d rows failed", rows, exc_info=e)
+        return BackendError(f"the model failed to run: {type(e).__name__}: {e}")
+
+    def _record(self, rows: int, padded: int) -> None:
         if self._on_batch is not None:
             try:
                 self._on_batch(rows, padded)
