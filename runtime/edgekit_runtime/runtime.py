@@ -5,6 +5,12 @@ loads new versions beside the serving ones (warm-up and golden smoke test includ
 atomically and unloads the old version after its in-flight requests finish. A version that fails
 to load never serves; the model keeps serving what it had and its status says why.
 
+The device agent steers three things per model: a pinned default (``pin``: that version stays the
+one clients get and stays loaded, whatever the policy, while a newer one loads beside it for a
+shadow check or an older one is brought back), the ``canary`` label (``set_canary``; ``stable`` is
+always the default version), and a tap (``set_tap``) that sees each request the default version
+answered, for mirroring.
+
     with Runtime() as rt:
         rt.load("mlp.ekb")
         out = rt.predict("mlp", {"x": np.zeros((2, 4), np.float32)})
@@ -15,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -36,12 +42,19 @@ from edgekit_runtime.model import LoadedModel
 from edgekit_runtime.signing import PublicKey, verify_bundle
 from edgekit_runtime.store import Candidate, scan_source
 
-__all__ = ["Runtime", "VersionStatus"]
+__all__ = ["LABELS", "Runtime", "Tap", "VersionStatus"]
 
 log = logging.getLogger("edgekit_runtime")
 
 # TF Serving's ModelVersionStatus states and error codes.
 START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
+#: Version labels (TF Serving's ``/labels/L``): what each one names.
+LABELS = {
+    "stable": "the serving (default) version",
+    "canary": "a version in a shadow check or a health window",
+}
+#: Called with (the version that answered, the request's inputs, its outputs); must not block.
+Tap = Callable[[LoadedModel, dict[str, Any], Outputs], None]
 
 
 def _error_code(e: BaseException) -> str:
@@ -75,6 +88,15 @@ class _Entry:
     status: dict[int, VersionStatus] = field(default_factory=dict)
     failed: dict[int, Any] = field(default_factory=dict)
     errors: dict[int, EdgekitError] = field(default_factory=dict)  # why each failed version failed
+    pinned: int | None = None  # the default while set and loaded; kept loaded whatever the policy
+    canary: int | None = None
+    tap: Tap | None = None
+
+    def pick(self, versions: dict[int, LoadedModel]) -> LoadedModel | None:
+        """The default among ``versions``: the pinned one when it is loaded, else the newest."""
+        if self.pinned in versions:
+            return versions[self.pinned]
+        return versions[max(versions)] if versions else None
 
 
 class Runtime:
@@ -211,6 +233,8 @@ class Runtime:
         while True:
             usable = {v for v, c in cands.items() if entry.failed.get(v) != c.key}
             desired = policy.select(usable)
+            if entry.pinned in usable:
+                desired.add(entry.pinned)
             to_load = sorted(desired - entry.versions.keys(), reverse=True)
             if not to_load:
                 break
@@ -254,7 +278,7 @@ class Runtime:
             return
         versions = {**entry.versions, v: lm}
         entry.versions = versions
-        entry.default = versions[max(versions)]  # the switch: one reference assignment
+        entry.default = entry.pick(versions)  # the switch: one reference assignment
         detail = lm.smoke + signed + "".join(f"; {n}" for n in lm.notes)
         entry.status[v] = VersionStatus(v, AVAILABLE, origin=cand.origin, detail=detail)
         b = settings.batching
@@ -273,11 +297,79 @@ class Runtime:
         lm = entry.versions[v]
         versions = {k: m for k, m in entry.versions.items() if k != v}
         entry.versions = versions
-        entry.default = versions[max(versions)] if versions else None
+        entry.default = entry.pick(versions)
         entry.status[v] = replace(entry.status[v], state=UNLOADING)
         lm.close()  # waits for the requests already queued on this version
         entry.status[v] = replace(entry.status[v], state=END, detail=f"unloaded: {why}")
         log.info("unloaded %s v%d: %s", entry.name, v, why)
+
+    # -- what the device agent steers --------------------------------------------------------
+
+    def pin(self, name: str, version: int | None) -> None:
+        """Keep ``version`` the default of ``name`` (and loaded, whatever the version policy) until
+        unpinned with None; the next ``refresh`` loads it if it is not loaded. Requests in flight
+        finish on the version they were given: a switch only changes what the next lookup gets."""
+        with self._lock:
+            entry = self._models.get(name)
+            if entry is None:
+                if version is None:
+                    return
+                entry = self._models[name] = _Entry(name)
+            entry.pinned = version
+            entry.default = entry.pick(entry.versions)
+
+    def set_canary(self, name: str, version: int | None) -> None:
+        """Name ``version`` the model's canary (None: no version holds the label)."""
+        with self._lock:
+            entry = self._models.get(name)
+            if entry is not None:
+                entry.canary = version
+
+    def set_tap(self, name: str, tap: Tap | None) -> None:
+        """See every request the default version of ``name`` answers (``observe``); None removes it."""
+        with self._lock:
+            entry = self._models.get(name)
+            if entry is not None:
+                entry.tap = tap
+
+    def observe(self, model: LoadedModel, inputs: dict[str, Any], outputs: Outputs) -> None:
+        """A request to the default version was answered: hand it to the model's tap, if any. Never
+        raises: a tap must not fail a reply that is already computed."""
+        entry = self._models.get(model.name)
+        tap = entry.tap if entry is not None else None
+        if tap is None:
+            return
+        try:
+            tap(model, inputs, outputs)
+        except Exception:  # mirroring is best effort, the reply is what matters
+            log.exception("the request tap of %s failed", model.name)
+
+    def labels(self, name: str) -> dict[str, int]:
+        """The labels a version of ``name`` holds now: ``stable`` (the default), ``canary`` if set."""
+        entry = self._models.get(name)
+        if entry is None:
+            raise NotFoundError(self._unknown(name))
+        out: dict[str, int] = {}
+        default = entry.default
+        if default is not None:
+            out["stable"] = default.version
+        if entry.canary is not None and entry.canary in entry.versions:
+            out["canary"] = entry.canary
+        return out
+
+    def label(self, name: str, label: str) -> int:
+        """The version holding ``label`` now; NotFoundError saying which labels exist otherwise."""
+        held = self.labels(name)
+        if label in held:
+            return held[label]
+        now = ", ".join(f"{k} (v{v})" for k, v in held.items()) or "none"
+        if label in LABELS:
+            what = LABELS[label]
+            msg = f"no version of model {name!r} holds the label {label!r} now ({what}); labels held now: {now}"
+        else:
+            known = "; ".join(f"{k!r}: {what}" for k, what in LABELS.items())
+            msg = f"label {label!r} does not exist; the labels are {known}; held now: {now}"
+        raise NotFoundError(msg)
 
     # -- watching -----------------------------------------------------------------------------
 
@@ -304,7 +396,7 @@ class Runtime:
         return f"model {name!r} is not served here; served models: {served}"
 
     def get(self, name: str, version: int | None = None) -> LoadedModel:
-        """The serving version of ``name`` (the newest loaded, or exactly ``version``)."""
+        """The serving version of ``name`` (the pinned one, else the newest loaded; or exactly ``version``)."""
         entry = self._models.get(name)
         if entry is None:
             raise NotFoundError(self._unknown(name))
@@ -401,10 +493,14 @@ class Runtime:
         for attempt in range(2):
             lm = self.get(name, version)
             try:
-                return await lm.infer_async(inputs)
+                out = await lm.infer_async(inputs)
             except BatcherClosedError:
                 if attempt:  # the version unloaded between lookup and enqueue: once more on the new one
                     raise
+                continue
+            if version is None:
+                self.observe(lm, inputs, out)
+            return out
         raise AssertionError  # pragma: no cover
 
     def predict(
@@ -419,7 +515,10 @@ class Runtime:
                 if attempt:
                     raise
                 continue
-            return lm.finish(fut.result(timeout))
+            out = lm.finish(fut.result(timeout))
+            if version is None:
+                self.observe(lm, inputs, out)
+            return out
         raise AssertionError  # pragma: no cover
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Over-the-air updates on the device, end to end through a real Mosquitto: a scripted hub (this
 test) publishes desired state and serves chunks from a real bundle file; the agent downloads,
-verifies, installs, smoke-tests and switches, or refuses and keeps serving. Kill -9 mid-download
-and a broker restart mid-download are survived."""
+verifies, installs, smoke-tests and switches, or refuses and keeps serving; and goes back to an
+older version on request, from disk or downloaded. Kill -9 mid-download, a broker restart
+mid-download and kill -9 while going back are survived."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,12 @@ class ScriptedHub:
         artifact = {"sha256": sha, "size": len(data), "chunk_size": CHUNK}
         desired = {"schema": 1, "generation": self.generation,
                    "models": {model: {"version": version, "artifact": artifact, **extra}}}  # fmt: skip
+        self.obs.publish(T.desired, json.dumps(desired).encode(), retain=True)
+
+    def desire(self, model: str, version: int, **extra: Any) -> None:
+        """Desired state without an artifact (the hub has no bundle for this version)."""
+        self.generation += 1
+        desired = {"schema": 1, "generation": self.generation, "models": {model: {"version": version, **extra}}}
         self.obs.publish(T.desired, json.dumps(desired).encode(), retain=True)
 
     def model(self, model: str) -> dict[str, Any]:
@@ -145,11 +153,12 @@ def signed(src: Path, dst: Path, key: Path) -> Path:
     return dataclasses.replace(b, signature=sign_bundle(b, load_signing_key(key))).write(dst)
 
 
-@pytest.fixture
-def device(
-    wide: dict[str, Path], store: Path, mosquitto: Mosquitto, tmp_path: Path, keys: tuple[Path, Path]
+@contextmanager
+def running_device(
+    first: Path, store: Path, mosquitto: Mosquitto, keys: tuple[Path, Path]
 ) -> Iterator[tuple[Runtime, Agent, ScriptedHub]]:
-    install_bundle(signed(wide["v1"], tmp_path / "v1.ekb", keys[0]), store)
+    """A device serving the bundle ``first`` (installed into ``store``) with its agent, and a scripted hub."""
+    install_bundle(first, store)
     hub = ScriptedHub(mosquitto)
     rt = Runtime([store], trusted_keys=[load_public_key(keys[1])])
     rt.refresh()
@@ -165,10 +174,20 @@ def device(
     )
     agent.start()
     agent.loaded()
-    yield rt, agent, hub
-    agent.stop()
-    rt.close()
-    hub.obs.close()
+    try:
+        yield rt, agent, hub
+    finally:
+        agent.stop()
+        rt.close()
+        hub.obs.close()
+
+
+@pytest.fixture
+def device(
+    wide: dict[str, Path], store: Path, mosquitto: Mosquitto, tmp_path: Path, keys: tuple[Path, Path]
+) -> Iterator[tuple[Runtime, Agent, ScriptedHub]]:
+    with running_device(signed(wide["v1"], tmp_path / "v1.ekb", keys[0]), store, mosquitto, keys) as d:
+        yield d
 
 
 X = np.random.default_rng(3).normal(size=(2, 4)).astype(np.float32)
@@ -418,3 +437,123 @@ def test_a_healthy_version_passes_its_health_window(
     done = hub.wait_done("mlp", 2)
     assert done["state"] == "serving" and done["active"] == 2, done
     assert agent.updater is not None and agent.updater.jobs["mlp"].state == "succeeded"
+
+
+def versions_in(store: Path, model: str = "mlp") -> list[str]:
+    """Every entry of the model's folder, hidden ones too: nothing half-removed may stay."""
+    return sorted(d.name for d in (store / model).iterdir())
+
+
+@pytest.mark.parametrize("artifact", [True, False], ids=["with-artifact", "without-artifact"])
+def test_going_back_to_a_version_on_disk_switches_without_a_download(
+    device: tuple[Runtime, Agent, ScriptedHub], wide: dict[str, Path], tmp_path: Path, keys: tuple[Path, Path],
+    artifact: bool,
+) -> None:  # fmt: skip
+    rt, agent, hub = device
+    store = agent.state.folder.parent
+    hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
+    hub.deploy("mlp", 2, signed(wide["v2"], tmp_path / "v2.ekb", keys[0]), rollout="r-1")
+    assert hub.wait_done("mlp", 2)["active"] == 2
+    assert versions_in(store) == ["1", "2"]  # the one before is kept for going back
+    asked = len(hub.requests)
+    if artifact:  # the hub could serve it: the device still takes the copy it has
+        hub.deploy("mlp", 1, tmp_path / "v1.ekb", rollout="r-1-abort")
+    else:
+        hub.desire("mlp", 1, rollout="r-1-abort")
+    back = hub.wait_done("mlp", 1)
+    assert back["state"] == "serving" and back["active"] == 1, back
+    assert len(hub.requests) == asked  # no chunk asked for
+    assert rt.get("mlp").version == 1
+    assert rt.predict("mlp", {"x": X})["output_0"].shape == (2, 3)
+    assert versions_in(store) == ["1"]  # the newer version left the store, so a restart serves v1 too
+    assert agent.updater is not None and agent.updater.jobs["mlp"].state == "succeeded"
+    with Runtime([store]) as fresh:  # what a restarted device would serve
+        fresh.refresh()
+        assert fresh.get("mlp").version == 1
+
+
+def test_going_back_to_a_version_not_on_disk_downloads_it(
+    device: tuple[Runtime, Agent, ScriptedHub], wide: dict[str, Path], tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    rt, agent, hub = device
+    store = agent.state.folder.parent
+    hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
+    hub.deploy("mlp", 2, signed(wide["v2"], tmp_path / "v2.ekb", keys[0]))
+    assert hub.wait_done("mlp", 2)["active"] == 2
+    hub.deploy("mlp", 3, signed(wide["v3"], tmp_path / "v3.ekb", keys[0]))
+    assert hub.wait_done("mlp", 3)["active"] == 3
+    assert versions_in(store) == ["2", "3"]
+    hub.desire("mlp", 1)  # not on disk, and nothing to fetch: refused, v3 keeps serving
+    failed = hub.wait_state("mlp", "failed")
+    assert failed["reason"] == "v1 is not on this device any more and the desired state names no artifact to fetch"
+    assert failed["active"] == 3
+    asked = len(hub.requests)
+    hub.deploy("mlp", 1, tmp_path / "v1.ekb", rollout="r-back")
+    hub.obs.wait_json(T.reported, lambda r: r["models"]["mlp"]["reason"] != failed["reason"], "the new job")
+    back = hub.wait_done("mlp", 1)
+    assert back["state"] == "serving" and back["active"] == 1, back
+    assert len(hub.requests) > asked  # downloaded
+    assert rt.get("mlp").version == 1
+    assert versions_in(store) == ["1"]
+    assert read_bundle(tmp_path / "v1.ekb").model == (store / "mlp" / "1" / "model.onnx").read_bytes()
+
+
+# Runs the device's serve command in a process that kills itself (SIGKILL, no clean-up of any kind)
+# at one file-system step of going back: just before the newer version is renamed out of the store,
+# or just after (before the renamed folder is deleted).
+_KILLER = """
+import os, runpy, signal, sys
+target, point = sys.argv[1], sys.argv[2]
+def hook(event, args):
+    if point == "before-rename" and event == "os.rename" and str(args[0]) == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point == "after-rename" and event == "shutil.rmtree" and str(args[0]).endswith(".removed"):
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+sys.argv = ["edgekit-runtime", *sys.argv[3:]]
+runpy.run_module("edgekit_runtime", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("point", ["before-rename", "after-rename"])
+def test_kill_9_while_going_back_leaves_a_whole_version_serving(
+    wide: dict[str, Path], store: Path, mosquitto: Mosquitto, tmp_path: Path, keys: tuple[Path, Path], point: str
+) -> None:
+    import requests
+
+    v1, v2 = signed(wide["v1"], tmp_path / "v1.ekb", keys[0]), signed(wide["v2"], tmp_path / "v2.ekb", keys[0])
+    install_bundle(v1, store)
+    install_bundle(v2, store)
+    hub = ScriptedHub(mosquitto)
+    hub.desire("mlp", 1)  # retained: the device finds it when it starts
+    port = free_port()
+    serve = ["serve", str(store), "--port", str(port), "--poll-seconds", "0", "--broker", mosquitto.url,
+             "--device-id", "dev-1", "--trust-key", str(keys[1])]  # fmt: skip
+    killed = subprocess.Popen(
+        [sys.executable, "-c", _KILLER, str(store / "mlp" / "2"), point, *serve],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    proc = None
+    try:
+        assert killed.wait(WAIT * 4) == -signal.SIGKILL
+        visible = [d for d in versions_in(store) if not d.startswith(".")]
+        assert visible == (["1", "2"] if point == "before-rename" else ["1"])
+        for v in visible:  # every version the runtime can see is whole
+            installed = read_bundle(tmp_path / f"v{v}.ekb")
+            assert (store / "mlp" / v / "model.onnx").read_bytes() == installed.model
+        proc = subprocess.Popen([sys.executable, "-m", "edgekit_runtime", *serve],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        back = hub.wait_done("mlp", 1)
+        assert back["state"] == "serving" and back["active"] == 1, back
+        r = requests.post(f"http://127.0.0.1:{port}/v2/models/mlp/infer", timeout=30, json={
+            "inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert r.json()["model_version"] == "1"
+        hub.obs.wait_for(lambda: versions_in(store) == ["1"], "the half-removed folder swept")
+    finally:
+        for p in (killed, proc):
+            if p is not None:
+                p.kill()
+                p.wait(WAIT)
+        hub.obs.close()

@@ -4,8 +4,9 @@ state received, checked and kept on disk, and the updates it asks for (``update.
 Built: identity (device id, profile, labels), retained presence with a last will, retained
 reported state republished on every reconnect, desired state decoded, de-duplicated by generation
 and persisted, and per model an update job: chunked download (resumable across restarts),
-verification, install, golden-sample test by loading it, switch or refusal. Not built yet: the
-health window after the switch, shadow checks, and going back to the previous version on request.
+verification, install, golden-sample test by loading it, a shadow check on mirrored live traffic,
+switch or refusal, a health window after the switch, and going back to an older version on request
+(from disk when it is still there).
 
 Threads: paho's callbacks only decode and enqueue; one worker thread runs the jobs (downloads,
 installs, model loads), so a slow install never stalls the MQTT connection's keep-alive.
@@ -138,6 +139,9 @@ class Agent:
         self._worker: threading.Thread | None = None
         self._stopping = threading.Event()
         self._last_report = 0.0
+        # Desired state that arrives before the runtime's first load (a retained message at start) is
+        # acted on once it is loaded: what serves decides between an update and going back.
+        self._loaded = False
         offline = encode(Presence(online=False, device=device_id, profile=profile, labels=self.labels))
         self.link = Link(
             broker,
@@ -186,7 +190,7 @@ class Agent:
         requests: list[ChunkRequest] = []
         if kind == "desired":
             self._accept(item)
-            if up is not None:
+            if up is not None and self._loaded:
                 for name, want in item.models.items():
                     requests += up.want(name, want)
             self.report()
@@ -197,13 +201,19 @@ class Agent:
             if changed or time.monotonic() - self._last_report > 1.0:  # progress, at most once a second
                 self.report()
         elif kind == "tick" and up is not None:
-            before = {m: j.state for m, j in up.jobs.items()}
+            said = {m: (j.state, j.reason) for m, j in up.jobs.items()}
             requests += up.tick()
-            if before != {m: j.state for m, j in up.jobs.items()}:
+            if said != {m: (j.state, j.reason) for m, j in up.jobs.items()}:  # e.g. shadow progress
                 self.report()
         elif kind == "loaded":
+            self._loaded = True
             if up is not None:
                 requests += up.resume()
+                desired = self.state.desired
+                for name, want in desired.models.items() if desired is not None else ():
+                    job = up.jobs.get(name)
+                    if job is None or job.version != want.version:  # accepted, not acted on yet
+                        requests += up.want(name, want)
             self.report()
         for r in requests:
             self.link.publish(self.topics.chunks_get, encode(r))
@@ -249,8 +259,11 @@ class Agent:
                             "target": job.version,
                             "rollout": job.rollout,
                             "progress": self.updater.progress(name) if self.updater is not None else None,
+                            "shadow": job.shadow,
                         }
                     )
+                elif job is not None and job.version == want.version == have.active and job.shadow is not None:
+                    have = have.model_copy(update={"shadow": job.shadow, "rollout": job.rollout})
                 elif have.active != want.version:
                     why = NO_STORE if self.updater is None else "waiting for the update to start"
                     have = have.model_copy(update={"state": "pending", "reason": why, "target": want.version})

@@ -181,7 +181,6 @@ class Link:
                 self._stop.wait(self._delay(attempt))
                 attempt += 1
 
-
     def _note(self, error: str) -> None:
         if error != self.last_error:
             log.warning("mqtt: %s; retrying", error)

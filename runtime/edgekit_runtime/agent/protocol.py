@@ -163,6 +163,12 @@ class DesiredModel(BaseModel):
     allow_signature_change: bool = False
     rollout: str = ""
     health_window_s: float = Field(default=0.0, ge=0, le=7 * 86400, description="watch the new version this long")
+    shadow_s: float = Field(
+        default=0.0, ge=0, le=7 * 86400, description="mirror live requests to the new version this long first"
+    )
+    min_agreement: float | None = Field(
+        default=None, ge=0, le=1, description="the shadow check's lowest top-1 agreement that lets the switch happen"
+    )
 
 
 class Desired(_Message):
@@ -183,6 +189,11 @@ class ReportedModel(BaseModel):
     target: int | None = Field(default=None, description="the version an update is bringing, if any")
     rollout: str = ""
     progress: dict[str, int] | None = Field(default=None, description="chunks held and chunks in all")
+    shadow: dict[str, Any] | None = Field(
+        default=None,
+        description='the shadow check: {"metric": "top1" | "max_abs_diff", "value": float, "requests": int, '
+        '"source": "live" | "golden"}',
+    )
 
 
 class Reported(_Message):

@@ -1,9 +1,22 @@
 """One model's update on the device, as a persisted state machine: download in chunks, verify, install,
-smoke-test by loading it beside the serving version, switch, or refuse and stay on what serves.
+smoke-test by loading it beside the serving version, shadow-check it on live traffic, switch, or
+refuse and stay on what serves; and going back to an older version on request.
 
 States (the rollout status shows them): ``downloading`` -> ``verifying`` -> ``installing`` ->
-``testing`` -> (``watching``, during a health window) -> ``succeeded``, or ``failed`` /
-``rolled_back`` with a reason a user can act on.
+``testing`` (golden samples, then the shadow check if asked for) -> (``watching``, during a health
+window) -> ``succeeded``, or ``failed`` / ``rolled_back`` with a reason a user can act on.
+
+Going back (a desired version older than the active one): when that version is still in the store
+(the agent keeps the one before the active one) it is loaded beside the serving one and pinned
+as the default, then the newer versions leave the store; otherwise it is downloaded, verified and
+installed first, then switched to the same way. A version leaves the store by an atomic rename to
+a hidden name (the folder fsynced) before it is deleted, so a kill -9 at any point leaves only
+whole versions where the runtime looks.
+
+The shadow check (``shadow_s`` > 0, see ``shadow.py``): after the golden samples pass, the new
+version stays loaded beside the serving one, which stays pinned as the default, while a share of
+live requests is mirrored to it; at the end of the window the answers are compared (with the
+golden samples when no live request came) and, below ``min_agreement``, the new version is removed.
 
 The health window: after the switch the new version's server error rate and p95 latency on this
 device are compared with the previous version's figures here; with at least MIN_REQUESTS requests
@@ -31,12 +44,13 @@ from typing import Any
 
 from edgekit_runtime.agent.download import Download, DownloadError
 from edgekit_runtime.agent.protocol import MAX_WINDOW, Artifact, Chunk, ChunkRequest, DesiredModel
-from edgekit_runtime.bundle import Bundle, Manifest, read_bundle
+from edgekit_runtime.agent.shadow import Shadow, describe
+from edgekit_runtime.bundle import Bundle, Manifest, fsync_dir, read_bundle
 from edgekit_runtime.errors import BundleError, EdgekitError
 from edgekit_runtime.metrics import Figures
 from edgekit_runtime.runtime import AVAILABLE, Runtime
 from edgekit_runtime.signing import PublicKey, verify_bundle
-from edgekit_runtime.store import install_bundle
+from edgekit_runtime.store import install_bundle, read_installed
 from edgekit_runtime.tensors import TensorSpec
 
 __all__ = ["Job", "Updater", "signature_change"]
@@ -53,6 +67,8 @@ LATENCY_FACTOR = 2.0
 WINDOW = 8
 #: Ask again for what is missing when nothing arrived for this long (a broker restart, a hub restart).
 RETRY_SECONDS = 3.0
+#: A version on its way out of the store: ``STORE/MODEL/.VERSION.ID.removed`` (hidden: not a version).
+REMOVED = ".removed"
 
 
 @dataclass
@@ -74,6 +90,11 @@ class Job:
     switched_at: float = 0.0
     baseline: dict[str, Any] = field(default_factory=dict)  # the previous version's figures at the switch
     watch_from: dict[str, Any] = field(default_factory=dict)  # the new version's figures at the switch
+    back: bool = False  # going back to an older version than the active one
+    shadow_s: float = 0.0
+    min_agreement: float | None = None
+    shadow_until: float = 0.0  # unix time the shadow window ends; 0 when none runs
+    shadow: dict[str, Any] | None = None  # the shadow check's figures (ReportedModel.shadow)
 
     @property
     def art(self) -> Artifact:
@@ -126,6 +147,7 @@ class Updater:
         self.jobs: dict[str, Job] = dict(jobs or {})
         self._dl: dict[str, Download] = {}
         self._asked: dict[str, tuple[set[int], float]] = {}
+        self._shadows: dict[str, Shadow] = {}
 
     # -- events -------------------------------------------------------------------------------
 
@@ -136,19 +158,27 @@ class Updater:
         same = job is not None and (job.version, job.artifact.get("sha256")) == (desired.version, sha)
         if job is not None and same and job.state != FAILED:
             return self._requests(job) if job.state == DOWNLOADING else []  # the same job again
-        try:
-            active: int | None = self.runtime.get(model).version
-        except EdgekitError:
-            active = None
+        if job is not None:
+            self._abandon(job)
+        active = self._serving(model)
         if active == desired.version:
             done = Job(model, desired.version, {}, SUCCEEDED, "already serving", desired.rollout, previous=active)
             self.jobs[model] = done
             return []
+        back = active is not None and desired.version < active
+        if back and (self._folder(model, desired.version) / "manifest.json").is_file():
+            why = f"going back to v{desired.version} from disk"
+            job = Job(model, desired.version, {}, TESTING, why, desired.rollout, previous=active, back=True)
+            self.jobs[model] = job
+            log.info("update %s: %s (v%s serves)", model, why, active)
+            self._go_back(job, installed=False)
+            return []
         if desired.artifact is None:
             why = "the desired state names no artifact to fetch"
+            if back:
+                why = f"v{desired.version} is not on this device any more and {why}"
             self.jobs[model] = Job(model, desired.version, {}, FAILED, why, desired.rollout)
             return []
-        self._forget(model)
         job = Job(
             model,
             desired.version,
@@ -157,6 +187,9 @@ class Updater:
             allow_signature_change=desired.allow_signature_change,
             previous=active,
             health_window=desired.health_window_s,
+            back=back,
+            shadow_s=desired.shadow_s,
+            min_agreement=desired.min_agreement,
         )
         self.jobs[model] = job
         log.info("update %s v%d: downloading %d bytes", model, job.version, desired.artifact.size)
@@ -190,9 +223,11 @@ class Updater:
         """Ask again for missing chunks when nothing came for a while (lost messages, restarts)."""
         out: list[ChunkRequest] = []
         now = time.monotonic()
-        for job in self.jobs.values():
+        for job in list(self.jobs.values()):
             if job.state == WATCHING:
                 self._watch(job)
+            if job.state == TESTING and job.shadow_until:
+                self._shadow_tick(job)
             if job.state != DOWNLOADING:
                 continue
             asked, at = self._asked.get(job.model, (set(), 0.0))
@@ -204,14 +239,20 @@ class Updater:
         """After a restart: finish what was interrupted. A download resumes from the chunks on disk;
         an install or test that was cut short is judged by what the runtime serves now."""
         out: list[ChunkRequest] = []
-        for job in self.jobs.values():
+        self._sweep()
+        for job in list(self.jobs.values()):
             if job.state in (VERIFYING, DOWNLOADING):
                 job.state = DOWNLOADING
                 out += self._requests(job)
+            elif job.state in (INSTALLING, TESTING) and job.back:
+                self._go_back(job, installed=True)
+            elif job.state == TESTING and job.shadow_until:
+                self._restart_shadow(job)
             elif job.state in (INSTALLING, TESTING):
                 self._judge(job)
             elif job.state == WATCHING:  # the counters restarted with the process: watch from now
                 job.watch_from = _dump(self.runtime.metrics.figures(job.model, job.version))
+                self.runtime.set_canary(job.model, job.version)
         return out
 
     # -- steps --------------------------------------------------------------------------------
@@ -270,8 +311,17 @@ class Updater:
             self._dl.pop(job.model, None)
         log.info("update %s v%d: installed %s; testing", job.model, job.version, installed)
         job.state = TESTING
+        if job.back or any(v > job.version for v in self._on_disk(job.model)):
+            self._go_back(job, installed=True)  # older than what the store holds: switch to it on purpose
+            return
+        shadow = job.shadow_s > 0 and job.previous is not None
+        if shadow:
+            self.runtime.pin(job.model, job.previous)  # the new version loads beside it, not in its place
         self.runtime.refresh()  # loads it beside the serving version: warm-up and golden samples
-        self._judge(job)
+        if shadow:
+            self._start_shadow(job)
+        else:
+            self._judge(job)
 
     def _check(self, job: Job, path: Path) -> Bundle:
         """Everything about the file that can be known before it touches the store."""
@@ -313,15 +363,195 @@ class Updater:
                 job.switched_at = time.time()
                 job.baseline = _dump(self.runtime.metrics.figures(job.model, job.previous))
                 job.watch_from = _dump(self.runtime.metrics.figures(job.model, job.version))
+                self.runtime.set_canary(job.model, job.version)
             else:
                 job.state = SUCCEEDED
+                self.runtime.set_canary(job.model, None)
             return
-        statuses = self.runtime.status(job.model) if job.model in self.runtime.models() else []
-        status = next((s for s in statuses if s.version == job.version), None)
-        why = status.error_message if status is not None and status.error_message else "the new version did not load"
-        shutil.rmtree(self.store / job.model / str(job.version), ignore_errors=True)
+        why = self._load_error(job.model, job.version) or "the new version did not load"
+        self._remove(job.model, job.version)
         self.runtime.refresh()
         self._fail(job, why)
+
+    def _load_error(self, model: str, version: int) -> str:
+        statuses = self.runtime.status(model) if model in self.runtime.models() else []
+        status = next((s for s in statuses if s.version == version), None)
+        return status.error_message if status is not None else ""
+
+    def _serving(self, model: str) -> int | None:
+        try:
+            return self.runtime.get(model).version
+        except EdgekitError:
+            return None
+
+    # -- going back ---------------------------------------------------------------------------
+
+    def _go_back(self, job: Job, *, installed: bool) -> None:
+        """Serve ``job.version``, older than what serves and in the store: it loads beside the serving
+        version pinned as the default (so it serves the moment it passes its golden samples), then
+        the newer versions leave the store. Each step leaves the store serving a whole version, so
+        it is safe to run again after a crash (``resume``). When it does not load, the newer
+        version keeps serving (and a version downloaded for this leaves the store again)."""
+        model, version = job.model, job.version
+        job.state = TESTING
+        job.back = True
+        self.runtime.set_canary(model, None)
+        self.runtime.pin(model, version)
+        try:
+            self.runtime.refresh()
+            if self._serving(model) == version:
+                for newer in sorted((v for v in self._on_disk(model) if v > version), reverse=True):
+                    self._remove(model, newer)
+                    log.info("update %s: removed v%d from the store (going back to v%d)", model, newer, version)
+                self.runtime.refresh()
+        finally:
+            self.runtime.pin(model, None)
+        if self._serving(model) == version:
+            job.state = SUCCEEDED
+            job.reason = ""
+            job.updated = time.time()
+            log.info("update %s: back on v%d", model, version)
+            return
+        why = self._load_error(model, version) or f"v{version} did not load"
+        if installed and job.artifact:
+            self._remove(model, version)
+        self.runtime.refresh()
+        self._fail(job, f"going back to v{version}: {why}; v{self._serving(model)} keeps serving")
+
+    def _folder(self, model: str, version: int) -> Path:
+        return self.store / model / str(version)
+
+    def _on_disk(self, model: str) -> list[int]:
+        folder = self.store / model
+        return sorted(int(d.name) for d in folder.iterdir() if d.name.isdigit()) if folder.is_dir() else []
+
+    def _remove(self, model: str, version: int) -> None:
+        """Take a version out of the store: an atomic rename to a hidden name, the folder fsynced,
+        then the delete; a crash in between leaves a hidden folder, swept at the next start."""
+        folder = self._folder(model, version)
+        if not folder.exists():
+            return
+        gone = folder.with_name(f".{version}.{time.time_ns()}{REMOVED}")
+        try:
+            folder.rename(gone)
+            fsync_dir(folder.parent)
+        except OSError as e:
+            log.warning("update %s: could not take v%d out of the store: %s", model, version, e)
+            shutil.rmtree(folder, ignore_errors=True)
+            return
+        shutil.rmtree(gone, ignore_errors=True)
+
+    def _sweep(self) -> None:
+        """Delete what a crash left half-removed (hidden ``*.removed`` folders)."""
+        if not self.store.is_dir():
+            return
+        for model in self.store.iterdir():
+            if model.is_dir() and not model.name.startswith("."):
+                for d in model.glob(f".*{REMOVED}"):
+                    shutil.rmtree(d, ignore_errors=True)
+
+    # -- the shadow check ---------------------------------------------------------------------
+
+    def _start_shadow(self, job: Job) -> None:
+        """The new version loaded beside the pinned serving one: mirror live requests to it."""
+        assert job.previous is not None
+        try:
+            self.runtime.get(job.model, job.version)
+        except EdgekitError:
+            self.runtime.pin(job.model, None)
+            self._judge(job)  # it did not load: fails with the runtime's reason and leaves the store
+            return
+        sh = Shadow(self.runtime, job.model, serving=job.previous, candidate=job.version)
+        self._shadows[job.model] = sh
+        self.runtime.set_tap(job.model, sh.offer)
+        self.runtime.set_canary(job.model, job.version)
+        job.shadow_until = time.time() + job.shadow_s
+        job.state = TESTING
+        self._shadow_progress(job, sh)
+        log.info("update %s v%d: shadow check beside v%d for %g s", job.model, job.version, job.previous, job.shadow_s)
+
+    def _restart_shadow(self, job: Job) -> None:
+        """After a restart the runtime's first load served the newest version: pin the previous one
+        again and start the window over (what was compared before the restart is lost)."""
+        if job.previous is None:
+            self._judge(job)
+            return
+        self.runtime.pin(job.model, job.previous)
+        self.runtime.refresh()
+        if self._serving(job.model) != job.previous:
+            self.runtime.pin(job.model, None)
+            self._judge(job)
+            return
+        self._start_shadow(job)
+
+    def _shadow_progress(self, job: Job, sh: Shadow) -> None:
+        res = sh.result()
+        job.shadow = res
+        left = max(0.0, job.shadow_until - time.time())
+        errors = f", {sh.errors} failed on v{job.version}" if sh.errors else ""
+        dropped = f", {sh.dropped} dropped (queue full)" if sh.dropped else ""
+        so_far = f" ({describe(res)} so far)" if res["requests"] else ""
+        job.reason = (
+            f"shadow check of v{job.version} beside v{job.previous}: {res['requests']} live requests compared"
+            f"{so_far}{errors}{dropped}; {left:.0f} s of {job.shadow_s:g} s left"
+        )
+
+    def _shadow_tick(self, job: Job) -> None:
+        sh = self._shadows.get(job.model)
+        if sh is None:  # restored from the state file without a resume (cannot happen in the Agent)
+            self._restart_shadow(job)
+            return
+        self._shadow_progress(job, sh)
+        if time.time() >= job.shadow_until:
+            self._end_shadow(job, sh)
+
+    def _stop_shadow(self, model: str) -> Shadow | None:
+        sh = self._shadows.pop(model, None)
+        self.runtime.set_tap(model, None)
+        if sh is not None:
+            sh.close()
+        return sh
+
+    def _end_shadow(self, job: Job, sh: Shadow) -> None:
+        """The window is over: switch, or remove the new version when it agrees too little."""
+        self._stop_shadow(job.model)
+        res = sh.result()
+        errors = sh.errors
+        where = f"over {res['requests']} live requests"
+        if res["requests"] == 0:
+            golden: dict[str, Any] = {}
+            try:
+                golden = read_installed(self._folder(job.model, job.version)).golden_inputs
+                res = sh.golden(golden) if golden else res
+            except (EdgekitError, OSError) as e:
+                log.warning("update %s v%d: shadow check on the golden samples failed: %s", job.model, job.version, e)
+            n = next((len(a) for a in golden.values()), 0) if res["source"] == "golden" else 0
+            where = f"on the {n} golden samples (no live request reached v{job.previous} in the window)"
+        job.shadow = res if res["requests"] or res["source"] == "golden" else None
+        job.shadow_until = 0.0
+        errs = f" ({errors} failed on v{job.version})" if errors else ""
+        figures = f"{describe(res)} {where}{errs}"
+        low = job.min_agreement
+        if low is not None and res["metric"] == "top1" and res["value"] < low:
+            self._remove(job.model, job.version)
+            self.runtime.refresh()  # the new version unloads; the pinned previous one kept serving
+            self.runtime.pin(job.model, None)
+            self._fail(job, f"shadow check: {figures} against v{job.previous}, below the minimum {low:.1%}")
+            return
+        log.info("update %s v%d: shadow check passed: %s; switching", job.model, job.version, figures)
+        self.runtime.pin(job.model, None)  # the switch: the newest loaded version is the default now
+        self.runtime.refresh()  # the policy unloads the previous version once its requests finish
+        self._judge(job)
+
+    def _abandon(self, job: Job) -> None:
+        """A new desired state replaces ``job``: a new version still in its shadow check leaves."""
+        self._forget(job.model)
+        if self._stop_shadow(job.model) is not None or (job.state == TESTING and job.shadow_until):
+            self._remove(job.model, job.version)
+            self.runtime.refresh()
+            self.runtime.pin(job.model, None)
+            job.shadow_until = 0.0
+        self.runtime.set_canary(job.model, None)
 
     def _watch(self, job: Job) -> None:
         """During the health window: roll back when the new version does worse than the old did."""
@@ -344,16 +574,15 @@ class Updater:
         elif time.time() - job.switched_at >= job.health_window:
             job.state = SUCCEEDED
             job.updated = time.time()
+            self.runtime.set_canary(job.model, None)
             log.info("update %s v%d: health window passed (%d requests)", job.model, job.version, seen.requests)
 
     def _roll_back(self, job: Job, reason: str) -> None:
         """Put the previous version back: the new one leaves the store, the runtime loads the old."""
-        shutil.rmtree(self.store / job.model / str(job.version), ignore_errors=True)
+        self._remove(job.model, job.version)
         self.runtime.refresh()
-        try:
-            serving = self.runtime.get(job.model).version
-        except EdgekitError:
-            serving = None
+        self.runtime.set_canary(job.model, None)
+        serving = self._serving(job.model)
         job.state = ROLLED_BACK
         job.reason = reason if serving == job.previous else f"{reason}; v{job.previous} did not load back either"
         job.updated = time.time()
@@ -367,10 +596,11 @@ class Updater:
         folder = self.store / job.model
         for d in folder.iterdir() if folder.is_dir() else ():
             if d.name.isdigit() and int(d.name) not in keep:
-                shutil.rmtree(d, ignore_errors=True)
+                self._remove(job.model, int(d.name))
                 log.info("update %s: removed v%s from the store (older than v%s)", job.model, d.name, job.previous)
 
     def _fail(self, job: Job, reason: str) -> list[ChunkRequest]:
+        self.runtime.set_canary(job.model, None)
         job.state = FAILED
         job.reason = reason
         job.updated = time.time()
