@@ -9,8 +9,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+from rich.console import Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from edgekit.cli._output import console, emit_json
 from edgekit.cli.fleet import _client, _hub_options, _json_option, _name_version
@@ -85,10 +87,14 @@ def _started(ctx: click.Context, status: dict[str, Any], as_json: bool) -> None:
         return
     click.echo(status["id"])  # stdout: the id alone, for scripts (ID=$(edgekit deploy ...))
     counts = ", ".join(f"{n} {s}" for s, n in sorted(status["counts"].items()))
-    what = f"{status['model']} v{status['version']}" if status["version"] is not None else f"{status['model']} back"
+    n = len(status["devices"])
+    what = (
+        f"{status['model']} v{status['version']} to {n} device(s)"
+        if status["version"] is not None
+        else f"{status['model']}: {n} device(s) back to their previous version"
+    )
     console.print(
-        f"rollout {status['id']}: {what} to {len(status['devices'])} device(s) ({counts}); "
-        f"`edgekit rollout status {status['id']} --watch` follows it",
+        f"rollout {status['id']}: {what} ({counts}); `edgekit rollout status {status['id']} --watch` follows it",
         soft_wrap=True,
     )
 
@@ -188,17 +194,21 @@ def _progress(d: dict[str, Any]) -> str:
     return f"{p['chunks']}/{p['of']} chunks ({100 * p['chunks'] / p['of']:.0f}%)"
 
 
-def _status_table(s: dict[str, Any]) -> Table:
-    what = f"v{s['version']}" if s["version"] is not None else "back to previous"
+def _status_table(s: dict[str, Any]) -> Group:
+    """The heading line (not a table title: rich wraps those to the table's width), the reason, the table."""
+    what = f"v{s['version']}" if s["version"] is not None else "back to each device's previous version"
     rate = f"failure rate {s['failure_rate']:.0%}"
-    title = f"rollout {s['id']}: {s['model']} {what}, {s['state']} (wave {s['wave']}, {rate})"
-    table = Table(title=title, caption=s.get("reason") or None)
+    heading = f"rollout {s['id']}: {s['model']} {what}, {s['state']} (wave {s['wave']}, {rate})"
+    lines: list[Any] = [Text(heading, style="bold")]
+    if s.get("reason"):
+        lines.append(Text(s["reason"]))
+    table = Table()
     for column in ("device", "wave", "state", "from", "to", "progress", "reason"):
         table.add_column(column)
     for d in s["devices"]:
         prev = "-" if d["previous"] is None else f"v{d['previous']}"
         table.add_row(d["device"], str(d["wave"]), d["state"], prev, f"v{d['target']}", _progress(d), d["reason"])
-    return table
+    return Group(*lines, table)
 
 
 @rollout.command("status")
