@@ -430,13 +430,16 @@ def test_a_version_that_fails_live_traffic_is_rolled_back_in_its_health_window(
 def test_a_healthy_version_passes_its_health_window(
     device: tuple[Runtime, Agent, ScriptedHub], wide: dict[str, Path], tmp_path: Path, keys: tuple[Path, Path]
 ) -> None:
-    _, agent, hub = device
+    rt, agent, hub = device
     hub.obs.wait_json(T.reported, lambda r: r["models"].get("mlp", {}).get("active") == 1, "v1 serving")
-    hub.deploy("mlp", 2, signed(wide["v2"], tmp_path / "v2.ekb", keys[0]), health_window_s=1)
+    hub.deploy("mlp", 2, signed(wide["v2"], tmp_path / "v2.ekb", keys[0]), health_window_s=30)
     hub.obs.wait_json(T.reported, lambda r: r["models"]["mlp"].get("state") == "watching", "v2 in its window")
+    assert rt.labels("mlp") == {"stable": 2, "canary": 2}  # the version in its window is the canary
+    agent.updater.jobs["mlp"].health_window = 0  # type: ignore[union-attr]  # end the window at the next tick
     done = hub.wait_done("mlp", 2)
     assert done["state"] == "serving" and done["active"] == 2, done
     assert agent.updater is not None and agent.updater.jobs["mlp"].state == "succeeded"
+    assert rt.labels("mlp") == {"stable": 2}
 
 
 def versions_in(store: Path, model: str = "mlp") -> list[str]:

@@ -213,8 +213,11 @@ class App:
         colon = rest.find(":", last_slash + 1)
         if colon >= 0:
             rest, verb = rest[:colon], rest[colon + 1 :]
-        name, version, tail = _split_model_path(rest, path)
         dp = self.dp
+        parts = rest.split("/")
+        if len(parts) >= 3 and parts[0] and parts[1] == "labels":  # NAME/labels/L[/TAIL]: as its version
+            rest = "/".join([parts[0], "versions", v1.label_version(dp, parts[0], parts[2]), *parts[3:]])
+        name, version, tail = _split_model_path(rest, path)
         if verb is not None:
             if tail:
                 raise _not_found(path)

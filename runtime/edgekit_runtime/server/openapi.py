@@ -4,7 +4,7 @@ the models loaded at that moment.
 The routes are hand-written in ``ROUTES``; tests call every route listed here and check the router
 answers it, so the document and the router cannot drift apart silently. The models fill in what a
 client (or a fuzzer, or a client generator) needs to reach the handlers: the served model names and
-versions as path values, and each model's input names, datatypes and shapes in the v2 infer and
+versions (and the version labels) as path values, and each model's input names, datatypes and shapes in the v2 infer and
 TF Serving predict request schemas.
 """
 
@@ -18,6 +18,7 @@ from edgekit_runtime import __version__
 from edgekit_runtime.dataplane import DataPlane
 from edgekit_runtime.errors import EdgekitError
 from edgekit_runtime.model import LoadedModel
+from edgekit_runtime.runtime import LABELS
 from edgekit_runtime.tensors import TensorSpec, v2_datatype
 
 __all__ = ["ROUTES", "openapi"]
@@ -33,6 +34,14 @@ ROUTES: list[tuple[str, str, str, str | None]] = [
     ("get", "/v1/models/{model}/versions/{version}/metadata", "TF Serving: signature of one version", None),
     ("post", "/v1/models/{model}:predict", "TF Serving: predict ('instances' rows or 'inputs' columns)", "predict"),
     ("post", "/v1/models/{model}/versions/{version}:predict", "TF Serving: predict with one version", "predict"),
+    ("get", "/v1/models/{model}/labels/{label}", "TF Serving: status of the version holding a label", None),
+    ("get", "/v1/models/{model}/labels/{label}/metadata", "TF Serving: signature of the version holding a label", None),
+    (
+        "post",
+        "/v1/models/{model}/labels/{label}:predict",
+        "TF Serving: predict with the version holding a label",
+        "predict",
+    ),
     ("post", "/v1/models/{model}:reload", "edgekit admin: rescan the sources now and retry failed versions", None),
     ("get", "/v2", "Open Inference Protocol: server metadata", None),
     ("get", "/v2/health/live", "Open Inference Protocol: liveness", None),
@@ -189,7 +198,7 @@ def _served(dp: DataPlane | None) -> tuple[list[str], list[str], list[LoadedMode
 
 def _params(path: str, models: list[str], versions: list[str]) -> list[dict[str, Any]]:
     out = []
-    for name, values in (("model", models), ("version", versions)):
+    for name, values in (("model", models), ("version", versions), ("label", list(LABELS))):
         if "{" + name + "}" in path:
             schema: dict[str, Any] = {"type": "string", "enum": values} if values else {"type": "string"}
             out.append({"name": name, "in": "path", "required": True, "schema": schema})

@@ -17,7 +17,7 @@ from edgekit_runtime.server.errors import Reply, json_reply
 from edgekit_runtime.server.jsonutil import dumps, jsonable, loads_tensors
 from edgekit_runtime.tensors import TensorSpec, from_json
 
-__all__ = ["metadata", "predict", "reload", "status"]
+__all__ = ["label_version", "metadata", "predict", "reload", "status"]
 
 _DT = {
     "float32": "DT_FLOAT",
@@ -47,6 +47,13 @@ def _status_doc(items: list[VersionStatus]) -> dict[str, Any]:
             for s in items
         ]
     }
+
+
+def label_version(dp: DataPlane, name: str, label: str) -> str:
+    """TF Serving's ``/labels/L``: the version that holds label ``L`` now (``stable``: the serving
+    one; ``canary``: one in a shadow check or a health window). NotFoundError (404) names the
+    labels otherwise; ``/labels/L`` then answers whatever ``/versions/N`` answers."""
+    return str(dp.runtime.label(name, label))
 
 
 def status(dp: DataPlane, name: str, version: str | None) -> Reply:
