@@ -474,9 +474,8 @@ class Fleet:
                 "progress": m.progress,
                 "desired_generation": rep.desired_generation,
             }
-            shadow = getattr(m, "shadow", None)
-            if shadow is not None:
-                detail["shadow"] = shadow
+            if m.shadow is not None:
+                detail["shadow"] = m.shadow
             b.tx.report_model(device, name, active=m.active, state=m.state, reason=m.reason, detail=detail, now=b.now)
             for r in list(self.rollouts.values()):
                 run = r.devices.get(device)
@@ -523,7 +522,8 @@ class Fleet:
                 rollout=r.spec.id,
                 allow_signature_change=r.spec.allow_signature_change or not forward,
                 health_window_s=r.spec.health_window if forward else 0.0,
-                **_shadow_fields(r.spec, forward),
+                shadow_s=r.spec.shadow if forward else 0.0,
+                min_agreement=r.spec.min_agreement if forward else None,
             )
         desired = Desired(generation=current.generation + 1, models=models)
         self.desired[action.device] = desired
@@ -656,17 +656,6 @@ class Fleet:
                 log.info("rollout %s %s", rid, r.state)
 
 
-def _shadow_fields(spec: RolloutSpec, forward: bool) -> dict[str, Any]:
-    """The shadow check's desired-state fields, where this runtime's protocol has them."""
-    fields = DesiredModel.model_fields
-    out: dict[str, Any] = {}
-    if forward and "shadow_s" in fields:
-        out["shadow_s"] = spec.shadow
-    if forward and "min_agreement" in fields:
-        out["min_agreement"] = spec.min_agreement
-    return out
-
-
 def _states(r: Rollout) -> dict[str, str]:
     return {d: run.state for d, run in r.devices.items()} | {"": r.state}
 
@@ -694,7 +683,12 @@ def _progress(tx: Tx, row: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for dev in tx.devices(ids):
         m = dev.models.get(row["model"])
         if m is not None:
-            out[dev.id] = {"active": m.active, "progress": m.detail.get("progress"), "online": dev.online}
+            out[dev.id] = {
+                "active": m.active,
+                "progress": m.detail.get("progress"),
+                "shadow": m.detail.get("shadow"),
+                "online": dev.online,
+            }
     return out
 
 
@@ -756,6 +750,8 @@ def rollout_json(row: dict[str, Any], progress: dict[str, dict[str, Any]], *, de
                 entry["online"] = seen["online"]
                 if seen["progress"] and d["state"] not in FINISHED:
                     entry["progress"] = seen["progress"]
+                if seen["shadow"] and spec.get("shadow"):
+                    entry["shadow"] = seen["shadow"]
             shown.append(entry)
         out["devices"] = shown
     return out

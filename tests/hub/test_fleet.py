@@ -222,6 +222,33 @@ def test_bad_mqtt_input_is_ignored_and_chunks_are_served_only_for_the_desired_ar
         obs.close()
 
 
+def test_a_shadow_check_gates_the_switch_on_min_agreement(
+    hub: Hub, fleet_of: Callable[..., list[Device]], bundle: BundleFactory
+) -> None:
+    devices = fleet_of(2)
+    hub.wait_registered(2)
+    hub.registry.push(bundle(version=1, seed=1))
+    assert (
+        hub.wait_ended(hub.fleet.deploy(DeployRequest(model="digits", version=1, to="all"))["id"])["state"]
+        == "completed"
+    )
+    # v2: other weights (the top-1 class differs on some golden rows); v3: v1's weights again
+    hub.registry.push(bundle(version=2, seed=2))
+    hub.registry.push(bundle(version=3, seed=1))
+    req = DeployRequest(model="digits", version=2, to="pi-0", shadow=1.0, min_agreement=100.0)
+    failed = hub.wait_ended(hub.fleet.deploy(req)["id"])
+    run = failed["devices"][0]
+    assert (failed["state"], run["state"]) == ("aborted", "failed"), failed
+    assert "agreement" in run["reason"], run
+    assert run["shadow"]["source"] == "golden"  # no live traffic in the window: the golden samples
+    assert run["shadow"]["value"] < 1.0
+    assert devices[0].serving("digits") == 1
+    req = DeployRequest(model="digits", version=3, to="all", shadow=1.0, min_agreement=100.0)
+    passed = hub.wait_ended(hub.fleet.deploy(req)["id"])
+    assert passed["state"] == "completed", passed
+    assert all(d.serving("digits") == 3 for d in devices)
+
+
 def test_deploy_requests_are_checked() -> None:
     with pytest.raises(InvalidInputError, match="unknown field"):
         DeployRequest.from_json({"model": "m", "version": 1, "colour": "red"})
