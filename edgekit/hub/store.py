@@ -312,9 +312,11 @@ class Tx:
         """First contact inserts the device with its labels; later contacts update its profile and
         presence but keep the hub's labels (the hub is where labels are changed after that)."""
         d = schema.devices
-        updated = self.conn.execute(
-            d.update().where(d.c.id == device_id).values(profile=profile, online=online, last_seen=now)
-        )
+        known = self.conn.execute(sa.select(d.c.profile).where(d.c.id == device_id)).first()
+        values: dict[str, Any] = {"profile": profile, "online": online, "last_seen": now}
+        if known is not None and known[0] == "":
+            values["labels"] = labels  # known from a report only (ensure_device): this is first contact
+        updated = self.conn.execute(d.update().where(d.c.id == device_id).values(**values))
         if updated.rowcount == 0:
             self.conn.execute(
                 d.insert().values(
