@@ -28,7 +28,17 @@ def hub() -> None:
     help="public key (.pub) whose signed bundles may be pushed (repeatable); without one every push is refused",
 )
 @click.option("--broker", help="the fleet's MQTT broker, mqtt://HOST:PORT (kept for the MQTT link, next slice)")
-@click.option("--embedded-broker", is_flag=True, help="an in-process MQTT broker for a laptop (not built yet)")
+@click.option(
+    "--embedded-broker",
+    is_flag=True,
+    help="run an in-process MQTT broker (amqtt) on 127.0.0.1 as the hub's broker: a laptop quick start, "
+    "not for production (pip install 'edgekit-ml[embedded-broker]')",
+)
+@click.option(
+    "--broker-port",
+    type=click.IntRange(0, 65535),
+    help="the embedded broker's port (default 1883; 0 picks a free one, and the printed line says which)",
+)
 @click.option("--db", help="database URL: postgresql://USER@HOST:PORT/DB (default: SQLite in DATA/hub.db)")
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), help="refuse bigger pushes")
 @click.option(
@@ -44,6 +54,7 @@ def serve(
     trust_keys: tuple[Path, ...],
     broker: str | None,
     embedded_broker: bool,
+    broker_port: int | None,
     db: str | None,
     max_upload_mb: float | None,
     log_level: str,
@@ -52,19 +63,35 @@ def serve(
     the API token is written to DATA/token (mode 0600) on first start."""
     import logging
 
+    from edgekit.hub.embedded_broker import DEFAULT_BROKER_PORT, check_embedded_broker
     from edgekit.hub.server import HubConfig, parse_http, serve
     from edgekit_runtime.agent.link import parse_broker_url
 
-    if embedded_broker:
-        msg = "--embedded-broker is not built yet: run an MQTT broker (mosquitto) and give --broker mqtt://HOST:PORT"
+    if embedded_broker and broker:
+        msg = "give either --broker URL (a broker you run) or --embedded-broker (one in this process), not both"
         raise InvalidInputError(msg)
+    if broker_port is not None and not embedded_broker:
+        msg = "--broker-port is the embedded broker's port: give it with --embedded-broker"
+        raise InvalidInputError(msg)
+    embedded_port = None
+    if embedded_broker:
+        check_embedded_broker()
+        embedded_port = DEFAULT_BROKER_PORT if broker_port is None else broker_port
     if broker:
         parse_broker_url(broker)
     host, port = parse_http(http)
     trusted = tuple(load_public_key(p) for p in trust_keys)
     extra = {} if max_upload_mb is None else {"max_upload_bytes": int(max_upload_mb * 1e6)}
     config = HubConfig(
-        data=data, host=host, port=port, db=db, trusted=trusted, broker=broker, log_level=log_level, **extra
+        data=data,
+        host=host,
+        port=port,
+        db=db,
+        trusted=trusted,
+        broker=broker,
+        embedded_broker_port=embedded_port,
+        log_level=log_level,
+        **extra,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(config, announce=lambda line: click.echo(line, err=True))

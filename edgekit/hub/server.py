@@ -21,7 +21,7 @@ import signal
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
 
@@ -31,6 +31,7 @@ from starlette.applications import Starlette
 from edgekit.hub.api import create_app
 from edgekit.hub.artifacts import Artifacts
 from edgekit.hub.devices import Devices
+from edgekit.hub.embedded_broker import start_embedded_broker
 from edgekit.hub.registry import Registry
 from edgekit.hub.store import Store, database_url
 from edgekit_runtime.bundle import fsync_dir, max_bundle_bytes
@@ -55,6 +56,7 @@ class HubConfig:
     db: str | None = None  # a SQLAlchemy URL; None: SQLite in DATA
     trusted: tuple[PublicKey, ...] = ()
     broker: str | None = None  # the fleet's MQTT broker; kept for the MQTT link (next slice)
+    embedded_broker_port: int | None = None  # --embedded-broker: amqtt on 127.0.0.1:PORT (0: free) is the broker
     max_upload_bytes: int = field(default_factory=max_bundle_bytes)
     log_level: str = "warning"
 
@@ -197,7 +199,15 @@ def serve(config: HubConfig, *, announce: Callable[[str], object] = print) -> No
     the address, run uvicorn (which finishes requests in flight on a signal), close.
 
     The signal handlers are in place before the address is announced, so a signal at any moment
-    after that is a clean stop, never the default action's abrupt death."""
+    after that is a clean stop, never the default action's abrupt death.
+
+    With ``embedded_broker_port`` an amqtt broker is started (and announced) first and is the hub's
+    broker; it stops after the hub."""
+    if config.embedded_broker_port is not None:
+        with start_embedded_broker(port=config.embedded_broker_port) as broker:
+            announce(broker.announcement)
+            serve(replace(config, broker=broker.url, embedded_broker_port=None), announce=announce)
+        return
     try:
         sock = bind(config.host, config.port)
     except UnavailableError as e:

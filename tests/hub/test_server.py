@@ -70,7 +70,6 @@ def test_a_second_hub_on_the_same_data_is_refused(hub_factory: Callable[..., Hub
 def test_flags_checked_before_anything_starts(tmp_path: Path, keys: Keys) -> None:
     data = tmp_path / "hub"
     cases = [
-        (["--embedded-broker"], 2, "Error: --embedded-broker is not built yet: run an MQTT broker (mosquitto)"),
         (["--broker", "http://x"], 2, "Error: --broker 'http://x': give mqtt://HOST[:PORT]"),
         (["--http", "nowhere"], 2, "Error: --http 'nowhere': give HOST:PORT"),
         (["--trust-key", str(keys.private_path)], 2, f"Error: {keys.private_path}: not an edgekit public key"),
