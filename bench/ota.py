@@ -114,7 +114,7 @@ class Result:
 
 
 def _size(n: int) -> str:
-    return f"{n / MIB:g} MiB" if n >= MIB else f"{n >> 10} KiB"
+    return f"{n / MIB:.2f} MiB" if n >= MIB else f"{n >> 10} KiB"
 
 
 # -- the device side (worker processes) -----------------------------------------------------------
@@ -641,7 +641,7 @@ def details(r: Result) -> list[str]:
     need = r.devices * r.chunks_per_device
     out = [
         f"row {r.row}: rollout {r.state}, devices {r.counts} after {r.wall_s:.1f} s; every chunk on the devices "
-        f"(by their reports) at {r.all_chunks_s:.1f} s, the first device succeeded at {r.first_succeeded_s:.1f} s; "
+        f"(by their reports) at {_secs(r.all_chunks_s)}, the first device succeeded at {_secs(r.first_succeeded_s)}; "
         f"{r.polls} status polls" + (f", {r.poll_errors} failed ({r.poll_error})" if r.poll_errors else ""),
         f"  chunks: {need:,} needed ({r.chunks_per_device} x {r.devices}), {r.frames:,} frames received "
         f"({r.duplicates:,} duplicates), {r.requests:,} requests; broker messages sent {r.sys_messages_out:,}, "
@@ -662,6 +662,10 @@ def details(r: Result) -> list[str]:
             "(up to 1 s old)"
         )
     return out
+
+
+def _secs(t: float) -> str:
+    return f"{t:.1f} s" if t else "never"
 
 
 def main() -> None:
