@@ -11,6 +11,8 @@ from edgekit_runtime.signing import load_public_key
 
 __all__ = ["hub"]
 
+_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
 
 @click.group()
 def hub() -> None:
@@ -27,7 +29,15 @@ def hub() -> None:
     type=click.Path(path_type=Path),
     help="public key (.pub) whose signed bundles may be pushed (repeatable); without one every push is refused",
 )
-@click.option("--broker", help="the fleet's MQTT broker, mqtt://HOST:PORT (kept for the MQTT link, next slice)")
+@click.option(
+    "--broker",
+    help="the fleet's MQTT broker, mqtt://[USER:PASS@]HOST:PORT or mqtts://... (TLS); without one (or "
+    "--embedded-broker) devices cannot be reached and deploys are refused",
+)
+@click.option("--mqtt-prefix", default="edgekit", show_default=True, help="topic prefix shared with the devices")
+@click.option("--tls-ca", type=_FILE, help="CA certificate of the broker (mqtts://)")
+@click.option("--tls-cert", type=_FILE, help="the hub's client certificate (edgekit broker-config writes one)")
+@click.option("--tls-key", type=_FILE, help="the hub's private key for --tls-cert")
 @click.option(
     "--embedded-broker",
     is_flag=True,
@@ -55,6 +65,10 @@ def serve(
     broker: str | None,
     embedded_broker: bool,
     broker_port: int | None,
+    mqtt_prefix: str,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
     db: str | None,
     max_upload_mb: float | None,
     log_level: str,
@@ -66,6 +80,7 @@ def serve(
     from edgekit.hub.embedded_broker import DEFAULT_BROKER_PORT, check_embedded_broker
     from edgekit.hub.server import HubConfig, parse_http, serve
     from edgekit_runtime.agent.link import parse_broker_url
+    from edgekit_runtime.agent.protocol import check_prefix
 
     if embedded_broker and broker:
         msg = "give either --broker URL (a broker you run) or --embedded-broker (one in this process), not both"
@@ -79,6 +94,11 @@ def serve(
         embedded_port = DEFAULT_BROKER_PORT if broker_port is None else broker_port
     if broker:
         parse_broker_url(broker)
+    check_prefix(mqtt_prefix)
+    if (tls_cert is None) != (tls_key is None):
+        msg = "give --tls-cert and --tls-key together (the hub's certificate and its key)"
+        raise InvalidInputError(msg)
+    tls = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
     host, port = parse_http(http)
     trusted = tuple(load_public_key(p) for p in trust_keys)
     extra = {} if max_upload_mb is None else {"max_upload_bytes": int(max_upload_mb * 1e6)}
@@ -89,6 +109,8 @@ def serve(
         db=db,
         trusted=trusted,
         broker=broker,
+        mqtt_prefix=mqtt_prefix,
+        link_options={k: str(v) for k, v in tls.items() if v is not None},
         embedded_broker_port=embedded_port,
         log_level=log_level,
         **extra,

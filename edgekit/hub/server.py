@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -32,8 +32,10 @@ from edgekit.hub.api import create_app
 from edgekit.hub.artifacts import Artifacts
 from edgekit.hub.devices import Devices
 from edgekit.hub.embedded_broker import start_embedded_broker
+from edgekit.hub.fleet import Fleet
 from edgekit.hub.registry import Registry
 from edgekit.hub.store import Store, database_url
+from edgekit_runtime.agent.link import parse_broker_url
 from edgekit_runtime.bundle import fsync_dir, max_bundle_bytes
 from edgekit_runtime.errors import InvalidInputError, UnavailableError
 from edgekit_runtime.server.run import bind
@@ -55,7 +57,9 @@ class HubConfig:
     port: int = DEFAULT_PORT
     db: str | None = None  # a SQLAlchemy URL; None: SQLite in DATA
     trusted: tuple[PublicKey, ...] = ()
-    broker: str | None = None  # the fleet's MQTT broker; kept for the MQTT link (next slice)
+    broker: str | None = None  # the fleet's MQTT broker, mqtt[s]://[USER:PASS@]HOST:PORT
+    mqtt_prefix: str = "edgekit"
+    link_options: dict[str, Any] = field(default_factory=dict)  # tls_ca, tls_cert, tls_key for the broker
     embedded_broker_port: int | None = None  # --embedded-broker: amqtt on 127.0.0.1:PORT (0: free) is the broker
     max_upload_bytes: int = field(default_factory=max_bundle_bytes)
     log_level: str = "warning"
@@ -134,6 +138,10 @@ class Hub:
             self.store = Store.open(database_url(config.db, data))
             self.registry = Registry(self.store, self.artifacts, config.trusted)
             self.devices = Devices(self.store)
+            broker = parse_broker_url(config.broker) if config.broker else None
+            self.fleet = Fleet(
+                self.store, self.artifacts, broker=broker, prefix=config.mqtt_prefix, link_options=config.link_options
+            )
             swept = self.registry.sweep()
             if swept:
                 log.warning("removed %d file(s) a crash left in %s: %s", len(swept), self.artifacts.root, swept)
@@ -142,9 +150,16 @@ class Hub:
             raise
 
     def app(self) -> Starlette:
-        return create_app(self.registry, self.devices, token=self.token, max_upload_bytes=self.config.max_upload_bytes)
+        return create_app(
+            self.registry,
+            self.devices,
+            token=self.token,
+            max_upload_bytes=self.config.max_upload_bytes,
+            fleet=self.fleet if self.config.broker else None,
+        )
 
     def close(self) -> None:
+        self.fleet.stop()
         self.store.close()
         self._lock.close()
 
@@ -222,7 +237,12 @@ def serve(config: HubConfig, *, announce: Callable[[str], object] = print) -> No
                 if not config.trusted:
                     log.warning("no --trust-key given: every push will be refused")
                 if config.broker:
-                    log.warning("--broker %s noted; the MQTT link to devices is not built yet", config.broker)
+                    link = hub.fleet.link
+                    where = f"{link.broker.host}:{link.broker.port}" if link is not None else config.broker
+                    announce(f"edgekit hub: devices through MQTT at {where} (topics {config.mqtt_prefix}/devices/...)")
+                    hub.fleet.start()
+                else:
+                    log.warning("no --broker given: devices cannot be reached; deploy and rollback are refused")
                 server = _Server(
                     uvicorn.Config(
                         hub.app(),
