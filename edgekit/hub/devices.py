@@ -50,11 +50,11 @@ class Devices:
         self.store = store
 
     def list(self) -> list[DeviceRecord]:
-        with self.store.begin() as tx:
+        with self.store.read() as tx:
             return tx.devices()
 
     def get(self, device_id: str) -> DeviceRecord:
-        with self.store.begin() as tx:
+        with self.store.read() as tx:
             found = tx.device(device_id)
         if found is None:
             raise NotFoundError(self._unknown(device_id))

@@ -53,6 +53,10 @@ log = logging.getLogger("edgekit.hub")
 
 #: Events the worker takes into one transaction at most.
 BATCH = 500
+#: A chunk sent to a device is not sent again within this many seconds (a device re-asks after 3 s
+#: without progress, so a real loss is still answered; a duplicate request is not, which would
+#: only double the broker's load when it is busiest).
+RESEND_AFTER_S = 2.0
 #: Aborted rollouts stay in memory this long, to put back devices that finish switching late.
 ABORTED_KEPT_S = 86400.0
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -187,6 +191,7 @@ class Stats:
     chunks_sent: int = 0
     chunk_bytes_sent: int = 0
     chunk_refusals: int = 0
+    chunk_duplicates_skipped: int = 0
     protocol_errors: int = 0
     reports: int = 0
     transactions: int = 0
@@ -222,9 +227,11 @@ class Fleet:
         self.rollouts: dict[str, Rollout] = {}
         self._saved: dict[str, dict[str, dict[str, Any]]] = {}  # rollout -> device -> run as last written
         self._saved_head: dict[str, tuple[str, str, int]] = {}
-        self._allowed: dict[str, dict[str, str]] = {}  # device -> artifact sha256 -> its file
+        self._allowed: dict[str, dict[str, tuple[str, int]]] = {}  # device -> artifact sha256 -> its file, size
         self._online: dict[str, bool] = {}
         self._last_seq: dict[str, int] = {}
+        self._sent: dict[tuple[str, str, int], float] = {}  # (device, artifact, index) -> when sent
+        self._sent_lock = threading.Lock()
         self._load()
         self.link: Link | None = None
         if broker is not None:
@@ -313,12 +320,13 @@ class Fleet:
             return
         assert self.link is not None
         out = f"{self.prefix}/devices/{device}/chunks/data"
-        path = self._allowed.get(device, {}).get(req.artifact)
-        if path is None:
+        allowed = self._allowed.get(device, {}).get(req.artifact)
+        if allowed is None:
             self.stats.chunk_refusals += 1
             why = f"artifact {req.artifact[:12]} is not in device {device}'s desired state"
             self.link.publish(out, encode_chunk(req.artifact, req.chunks[0], b"", error=why))
             return
+        path, pushed = allowed
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as e:
@@ -328,8 +336,16 @@ class Fleet:
             return
         try:
             size = os.fstat(fd).st_size
+            if size != pushed:  # changed on the hub's disk after the push: no device gets any of it
+                self.stats.chunk_refusals += 1
+                why = (
+                    f"artifact {req.artifact[:12]} on the hub's disk is {size} bytes, not the {pushed} pushed: "
+                    "it changed after the push; push the bundle again"
+                )
+                self.link.publish(out, encode_chunk(req.artifact, req.chunks[0], b"", error=why))
+                return
             last = -(-size // req.chunk_size) - 1
-            for index in dict.fromkeys(req.chunks):
+            for index in self._not_just_sent(device, req):
                 if not 0 <= index <= last:
                     frame = encode_chunk(req.artifact, index, b"", error=f"chunk {index} is outside 0..{last}")
                 else:
@@ -340,6 +356,22 @@ class Fleet:
                 self.link.publish(out, frame)
         finally:
             os.close(fd)
+
+    def _not_just_sent(self, device: str, req: ChunkRequest) -> list[int]:
+        """The requested chunk indexes not sent to this device in the last RESEND_AFTER_S seconds."""
+        now = time.monotonic()
+        out = []
+        with self._sent_lock:
+            if len(self._sent) > 100_000:  # forget what is long past
+                self._sent = {k: t for k, t in self._sent.items() if now - t < RESEND_AFTER_S}
+            for index in dict.fromkeys(req.chunks):
+                key = (device, req.artifact, index)
+                if now - self._sent.get(key, -RESEND_AFTER_S) >= RESEND_AFTER_S:
+                    self._sent[key] = now
+                    out.append(index)
+                else:
+                    self.stats.chunk_duplicates_skipped += 1
+        return out
 
     # -- the API's calls (any thread) -----------------------------------------------------------
 
@@ -360,7 +392,7 @@ class Fleet:
         return dict(self.call(lambda b: self._control(b, rollout_id, action)))
 
     def status(self, rollout_id: str) -> dict[str, Any]:
-        with self.store.begin() as tx:
+        with self.store.read() as tx:
             rows = tx.rollout_rows([rollout_id])
             if not rows:
                 msg = f"no rollout {rollout_id!r}; `edgekit rollout list` shows them"
@@ -369,7 +401,7 @@ class Fleet:
 
     def summaries(self) -> list[dict[str, Any]]:
         """Every rollout, newest first, without the per-device list."""
-        with self.store.begin() as tx:
+        with self.store.read() as tx:
             return [rollout_json(row, {}, devices=False) for row in tx.rollout_rows()]
 
     # -- the worker -----------------------------------------------------------------------------
@@ -483,16 +515,17 @@ class Fleet:
                     continue
                 if m.state not in ("serving", "pending") and m.rollout != r.spec.id:
                     continue  # about another rollout's attempt, not this one's
-                before = _states(r)
+                before = run.state
                 self._act(b, r, r.report(device, m.state, m.reason, m.active, b.now))
-                if before != _states(r):
-                    b.touched.add(r.spec.id)
-                    self._settle(b, r, before)
+                b.touched.add(r.spec.id)
+                # only this device can have failed here (an abort marks the others reverted)
+                self._settle(b, r, {device: before}, only=run)
 
-    def _settle(self, b: _Batch, r: Rollout, before: dict[str, str]) -> None:
+    def _settle(self, b: _Batch, r: Rollout, before: dict[str, str], only: DeviceRun | None = None) -> None:
         """A device that failed or timed out in this rollout is told to stay on its previous
         version, so its desired state says what it runs and a later deploy starts afresh."""
-        for device, run in r.devices.items():
+        runs = [(only.device, only)] if only is not None else list(r.devices.items())
+        for device, run in runs:
             if run.state == before.get(device) or run.reverted or run.state not in ("failed", "rolled_back"):
                 continue
             if run.previous is not None:
@@ -536,7 +569,7 @@ class Fleet:
         allowed = {}
         for m in d.models.values() if d is not None else ():
             if m.artifact is not None:
-                allowed[m.artifact.sha256] = str(self.artifacts.path(m.artifact.sha256))
+                allowed[m.artifact.sha256] = (str(self.artifacts.path(m.artifact.sha256)), m.artifact.size)
         self._allowed[device] = allowed
 
     def _publish_desired(self, device: str) -> None:

@@ -126,7 +126,7 @@ class Registry:
 
     def bundles(self, name: str | None = None) -> list[BundleRecord]:
         """Every bundle (of one model with ``name``); NotFoundError when that model has none."""
-        with self.store.begin() as tx:
+        with self.store.read() as tx:
             found = tx.bundles(name)
         if name is not None and not found:
             msg = f"no model {name!r} on the hub; `edgekit models` lists what was pushed"

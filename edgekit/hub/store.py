@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 DB_FILE = "hub.db"
+_READ_ONLY = "edgekit_read_only"
 #: Rollout states in which a rollout still targets its version (a delete waits for them to end).
 ACTIVE_ROLLOUT_STATES = ("running", "paused")
 
@@ -120,7 +121,8 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Connection) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a reader (Store.read) takes no write lock: in WAL mode it never waits for the writer
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
 
 def _bundle(row: sa.Row[Any]) -> BundleRecord:
@@ -407,6 +409,15 @@ class Store:
     def begin(self) -> Iterator[Tx]:
         with self.engine.begin() as conn:
             yield Tx(conn)
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A transaction that only reads: on SQLite a plain BEGIN, so that status and list requests
+        never queue behind the fleet worker's writes (nor time out behind them)."""
+        with self.engine.connect() as plain:
+            conn = plain.execution_options(**{_READ_ONLY: True})
+            with conn.begin():
+                yield Tx(conn)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -77,3 +77,36 @@ def test_an_unreachable_database_is_one_clear_error_without_the_password(tmp_pat
         "cannot use the database postgresql+psycopg://someone:***@127.0.0.1:1/none: "
     )
     assert "secret" not in caught.value.message
+
+
+def test_a_reader_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    """SQLite in WAL mode: Store.read() (plain BEGIN) reads while a write transaction is open; a
+    second writer (BEGIN IMMEDIATE) would wait for it. The API's status and list reads use read()."""
+    import threading
+
+    store = Store.open(database_url(None, tmp_path))
+    try:
+        with store.begin() as tx:
+            tx.register_device("pi-1", profile="raspberrypi", labels={}, online=True, now=1.0)
+        writing, release = threading.Event(), threading.Event()
+
+        def writer() -> None:
+            with store.begin() as tx:
+                tx.register_device("pi-2", profile="raspberrypi", labels={}, online=True, now=2.0)
+                writing.set()
+                release.wait(30)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        assert writing.wait(30)
+        try:
+            with store.read() as tx:  # would raise "database is locked" after busy_timeout with BEGIN IMMEDIATE
+                seen = [d.id for d in tx.devices()]
+            assert seen == ["pi-1"]  # and its uncommitted row is not visible
+        finally:
+            release.set()
+            t.join(30)
+        with store.read() as tx:
+            assert [d.id for d in tx.devices()] == ["pi-1", "pi-2"]
+    finally:
+        store.close()

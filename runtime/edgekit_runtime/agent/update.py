@@ -65,7 +65,9 @@ ERROR_MARGIN = 0.05
 LATENCY_FACTOR = 2.0
 #: Chunks asked for at once (the device's one outstanding window).
 WINDOW = 8
-#: Ask again for what is missing when nothing arrived for this long (a broker restart, a hub restart).
+#: Ask again for what is missing when no chunk of the window arrived for this long (a broker restart,
+#: a hub restart). Counted from the last chunk that arrived, not from the request: a busy broker may
+#: take longer than this to deliver a whole window, and asking again then only doubles its load.
 RETRY_SECONDS = 3.0
 #: A version on its way out of the store: ``STORE/MODEL/.VERSION.ID.removed`` (hidden: not a version).
 REMOVED = ".removed"
@@ -213,7 +215,9 @@ class Updater:
         job.done_chunks = dl.done
         job.updated = time.time()
         asked, _ = self._asked.get(job.model, (set(), 0.0))
-        asked.discard(chunk.index)
+        if chunk.index in asked:  # progress on the window: the re-ask clock counts from here
+            asked.discard(chunk.index)
+            self._asked[job.model] = (asked, time.monotonic())
         if dl.complete:
             self._finish(job, dl)
             return []
