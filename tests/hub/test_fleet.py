@@ -2,12 +2,11 @@
 its own runtime and store): devices register, a deploy reaches every device in waves, the status
 says per device what happened, a hub restart mid-rollout loses nothing, bad MQTT input is ignored.
 
-The end-to-end tests with separate processes are in test_ota_e2e.py; these are the faster ones."""
+The end-to-end tests with separate processes are in tests/e2e/test_ota.py; these are the faster ones."""
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,20 +23,9 @@ from edgekit_runtime.agent.link import parse_broker_url
 from edgekit_runtime.errors import InvalidInputError, NotFoundError
 from edgekit_runtime.runtime import Runtime
 from tests.hub.conftest import BundleFactory, Keys
-from tests.mqtt import WAIT, Mosquitto, Observer
+from tests.mqtt import Mosquitto, Observer, wait_until
 
 FAST = {"backoff_base": 0.05, "backoff_max": 0.5, "keepalive": 5}
-
-
-def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Hub:
@@ -254,6 +242,39 @@ def test_a_shadow_check_gates_the_switch_on_min_agreement(
     passed = hub.wait_ended(hub.fleet.deploy(req)["id"])
     assert passed["state"] == "completed", passed
     assert all(d.serving("digits") == 3 for d in devices)
+
+
+def test_a_broker_down_at_start_and_restarted_mid_rollout_costs_nothing(
+    hub: Hub, mosquitto: Mosquitto, fleet_of: Callable[..., list[Device]], bundle: BundleFactory
+) -> None:
+    devices = fleet_of(2)
+    hub.wait_registered(2)
+    hub.registry.push(bundle(version=1, seed=1))
+    mosquitto.kill()  # down: the deploy is stored and published once the hub is connected again
+    status = hub.fleet.deploy(DeployRequest(model="digits", version=1, to="all"))
+    assert [d["state"] for d in status["devices"]] == ["pending", "pending"]
+    mosquitto.start()  # persistence off: no retained message survived; the hub republishes
+    assert hub.wait_ended(status["id"])["state"] == "completed"
+    assert [d.serving("digits") for d in devices] == [1, 1]
+
+
+def test_a_hub_started_while_the_broker_is_down_connects_when_it_comes(
+    tmp_path: Path, mosquitto: Mosquitto, keys: Keys, fleet_of: Callable[..., list[Device]], bundle: BundleFactory
+) -> None:
+    mosquitto.kill()
+    late = Hub(tmp_path / "late-hub", mosquitto, keys)  # starts without a broker: no error, it retries
+    try:
+        devices = fleet_of(1)
+        mosquitto.start()
+        late.wait_registered(1)
+        late.registry.push(bundle(version=1, seed=1))
+        assert (
+            late.wait_ended(late.fleet.deploy(DeployRequest(model="digits", version=1, to="all"))["id"])["state"]
+            == "completed"
+        )
+        assert devices[0].serving("digits") == 1
+    finally:
+        late.close()
 
 
 def test_deploy_requests_are_checked() -> None:
