@@ -187,3 +187,40 @@ def test_devices_labels_and_a_delete_refused_while_a_device_runs_it(hub: HubProc
     one_line_error(
         edgekit("models", "delete", "digits", env=hub.env()), 2, "'digits': give NAME:VERSION, e.g. digits:2"
     )
+
+
+def test_rollout_commands_refuse_clearly(hub: HubProcess, bundle: BundleFactory) -> None:
+    """Without --broker the hub serves its registry but cannot reach devices: deploys are refused;
+    bad options are refused before the hub is asked; an unknown rollout is not found."""
+    one_line_error(
+        edgekit("deploy", "digits:1", "--to", "all", env=hub.env()),
+        4,
+        "this hub has no MQTT broker to reach devices: start it with --broker mqtt://HOST:PORT",
+    )
+    one_line_error(
+        edgekit("deploy", "digits:1", "--to", "all", "--waves", "1,50%", env=hub.env()),
+        2,
+        "--waves '1,50%': the last wave must be 100% so that every device is reached",
+    )
+    one_line_error(
+        edgekit("deploy", "digits", "--to", "all", env=hub.env()),
+        2,
+        "'digits': give NAME:VERSION, e.g. digits:2",
+    )
+    one_line_error(
+        edgekit("deploy", "digits:1", "--to", "all", "--device-timeout", "soon", env=hub.env()),
+        2,
+        "--device-timeout 'soon': give a duration such as 30s, 5m, 1h or a number of seconds",
+    )
+    one_line_error(
+        edgekit("deploy", "digits:1", "--to", "all", "--min-agreement", "99%", env=hub.env()),
+        2,
+        "--min-agreement is judged in the shadow check: give --shadow DURATION too",
+    )
+    one_line_error(
+        edgekit("rollout", "status", "r-nope", env=hub.env()),
+        4,
+        "this hub has no MQTT broker to reach devices: start it with --broker mqtt://HOST:PORT",
+    )
+    r = edgekit("rollout", "list", env=hub.env(token=False))
+    assert r.returncode == 16, r.stderr
