@@ -18,6 +18,19 @@ import pytest
 WAIT = 30.0  # seconds; a bound against hangs, never a timing assertion
 
 
+def wait_until(predicate: Callable[[], Any], what: str, timeout: float = WAIT, every: float = 0.05) -> Any:
+    """Poll ``predicate`` until it returns something truthy, and return that; past ``timeout`` an
+    AssertionError naming ``what`` was awaited."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
