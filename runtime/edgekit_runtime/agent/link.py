@@ -17,6 +17,7 @@ import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 from edgekit_runtime.errors import InvalidInputError
@@ -122,9 +123,10 @@ class Link:
         if self._is_connected.is_set():
             self._client.subscribe(topic, qos=1)
 
-    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
-        """Queue a message; paho sends it now or, at QoS 1, once connected again."""
-        self._client.publish(topic, payload, qos=qos, retain=retain)
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> Any:
+        """Queue a message; paho sends it now or, at QoS 1, once connected again. Returns paho's
+        MQTTMessageInfo (``is_published()`` once the broker acknowledged it)."""
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
 
     @property
     def connected(self) -> bool:
