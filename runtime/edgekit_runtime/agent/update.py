@@ -69,6 +69,10 @@ WINDOW = 8
 #: a hub restart). Counted from the last chunk that arrived, not from the request: a busy broker may
 #: take longer than this to deliver a whole window, and asking again then only doubles its load.
 RETRY_SECONDS = 3.0
+#: A whole download whose sha256 is wrong is fetched again this many times (a chunk damaged on the
+#: device's disk), then the update fails: the hub's copy itself is bad, and fetching it forever
+#: would never end.
+VERIFY_RETRIES = 1
 #: A version on its way out of the store: ``STORE/MODEL/.VERSION.ID.removed`` (hidden: not a version).
 REMOVED = ".removed"
 
@@ -88,6 +92,7 @@ class Job:
     started: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     done_chunks: int = 0
+    verify_failures: int = 0  # whole downloads whose sha256 was not the desired one
     health_window: float = 0.0
     switched_at: float = 0.0
     baseline: dict[str, Any] = field(default_factory=dict)  # the previous version's figures at the switch
@@ -294,6 +299,10 @@ class Updater:
             path = dl.verify()
         except DownloadError as e:
             self._dl.pop(job.model, None)
+            job.verify_failures += 1
+            if job.verify_failures > VERIFY_RETRIES:  # the same bytes again: the hub's copy is bad
+                self._fail(job, f"{e.message} (downloaded {job.verify_failures} times)")
+                return
             job.state = DOWNLOADING  # starts over from chunk 0 on the next tick
             job.reason = e.message
             return
@@ -446,13 +455,17 @@ class Updater:
         shutil.rmtree(gone, ignore_errors=True)
 
     def _sweep(self) -> None:
-        """Delete what a crash left half-removed (hidden ``*.removed`` folders)."""
+        """Delete what a crash left half-done: hidden ``*.removed`` folders (a version on its way
+        out) and ``.VERSION.*.part`` folders (an install cut short: install_bundle renames a whole,
+        fsynced folder into place, so a .part one never served). Runs at start, before any install."""
         if not self.store.is_dir():
             return
         for model in self.store.iterdir():
             if model.is_dir() and not model.name.startswith("."):
-                for d in model.glob(f".*{REMOVED}"):
-                    shutil.rmtree(d, ignore_errors=True)
+                for d in (*model.glob(f".*{REMOVED}"), *model.glob(".*.part")):
+                    if d.is_dir():
+                        log.info("removing %s, left by an interrupted update", d)
+                        shutil.rmtree(d, ignore_errors=True)
 
     # -- the shadow check ---------------------------------------------------------------------
 
