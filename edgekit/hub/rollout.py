@@ -293,6 +293,8 @@ class Rollout:
         for run in self.devices.values():
             if run.started and not run.reverted and (run.switched or run.state not in FINISHED):
                 actions += self._revert(run)
+            elif not run.started and run.state == "pending":  # its wave never came: say so, never "pending"
+                run.state, run.reason = "skipped", "not started: the rollout aborted before its wave"
         return actions
 
     def _revert(self, run: DeviceRun) -> list[Action]:

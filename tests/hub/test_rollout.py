@@ -98,6 +98,10 @@ def test_the_abort_threshold_stops_the_rollout_and_puts_switched_devices_back() 
     assert r.devices["d0"].state == "rolled_back"
     assert r.devices["d1"].reason == "golden samples differ"
     assert not any(run.started for d, run in r.devices.items() if d not in ("d0", "d1"))  # no further device
+    later = [r.devices[f"d{i}"] for i in range(2, 10)]
+    assert {(run.state, run.reason) for run in later} == {
+        ("skipped", "not started: the rollout aborted before its wave")
+    }
     assert r.tick(10_000) == []
 
 
