@@ -100,7 +100,7 @@ def test_a_label_no_version_holds_and_an_unknown_label_are_404_naming_the_labels
     label = next(
         p for p in doc["paths"]["/v1/models/{model}/labels/{label}"]["get"]["parameters"] if p["name"] == "label"
     )
-    assert label["schema"]["enum"] == ["stable", "canary"]
+    assert label["schema"]["enum"] == ["stable"]  # the labels held now: path values that answer (no canary here)
 
 
 def test_the_canary_label_follows_a_shadow_check_over_a_real_socket(

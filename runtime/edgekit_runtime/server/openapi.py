@@ -196,9 +196,21 @@ def _served(dp: DataPlane | None) -> tuple[list[str], list[str], list[LoadedMode
     return names, [str(v) for v in sorted(versions)], served
 
 
-def _params(path: str, models: list[str], versions: list[str]) -> list[dict[str, Any]]:
+def _held_labels(dp: DataPlane | None, names: list[str]) -> list[str]:
+    """The labels some model holds now (``canary`` only during a shadow check or health window), so
+    the document offers path values that answer; every label when none is held."""
+    held: set[str] = set()
+    for name in names if dp is not None else ():
+        try:
+            held.update(dp.runtime.labels(name))  # type: ignore[union-attr]
+        except EdgekitError:
+            continue
+    return sorted(held) or list(LABELS)
+
+
+def _params(path: str, models: list[str], versions: list[str], labels: list[str]) -> list[dict[str, Any]]:
     out = []
-    for name, values in (("model", models), ("version", versions), ("label", list(LABELS))):
+    for name, values in (("model", models), ("version", versions), ("label", labels)):
         if "{" + name + "}" in path:
             schema: dict[str, Any] = {"type": "string", "enum": values} if values else {"type": "string"}
             out.append({"name": name, "in": "path", "required": True, "schema": schema})
@@ -258,12 +270,13 @@ def _request_schemas(served: list[LoadedModel]) -> dict[str, Any]:
 def openapi(dp: DataPlane | None = None) -> dict[str, Any]:
     """The document for the models ``dp`` serves now (without one: the routes and general shapes)."""
     names, versions, served = _served(dp)
+    labels = _held_labels(dp, names)
     bodies = _bodies()
     paths: dict[str, dict[str, Any]] = {}
     for method, path, summary, body in ROUTES:
         op: dict[str, Any] = {
             "summary": summary,
-            "parameters": _params(path, names, versions),
+            "parameters": _params(path, names, versions, labels),
             "responses": {
                 "200": {"description": "OK", "content": _JSON_ANY},
                 "400": _ERROR,
