@@ -195,6 +195,15 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         num_batch_threads=num_batch_threads,
     )
     runtime_keys = _trusted(trust_keys)
+    first = all_sources[0]
+    if broker and not first.exists() and first.suffix != ".ekb":
+        # a new device: the agent installs into its store, so an empty one is where it starts
+        try:
+            first.mkdir(parents=True)
+        except OSError as e:
+            msg = f"{first}: cannot create the store for the agent ({e.strerror}); create it or give another STORE"
+            raise InvalidInputError(msg) from None
+        logging.getLogger("edgekit_runtime").info("created the empty store %s: the agent installs into it", first)
     runtime = Runtime(all_sources, config=config, batching=flags, threads=threads, trusted_keys=runtime_keys)
     runtime.check_settings()
     agent = _agent(

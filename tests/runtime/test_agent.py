@@ -144,6 +144,30 @@ def test_serve_with_broker_runs_the_agent_and_its_will_says_offline_on_kill_9(
         obs.close()
 
 
+def test_a_new_device_with_no_store_yet_creates_it_and_registers(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    store = tmp_path / "new" / "store"  # nothing there yet: a device before its first update
+    obs = Observer(mosquitto, "edgekit/devices/dev-1/#")
+    args = [sys.executable, "-m", "edgekit_runtime", "serve", str(store), "--port", str(free_port()),
+            "--poll-seconds", "0", "--broker", mosquitto.url, "--device-id", "dev-1"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        obs.wait_json(T.presence, lambda p: p["online"], "presence online")
+        obs.wait_json(T.reported, lambda r: r["models"] == {}, "an empty report")
+        assert store.is_dir()
+    finally:
+        proc.kill()
+        proc.wait(WAIT)
+        obs.close()
+    # without --broker a missing store stays an error (nothing would ever fill it)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgekit_runtime", "serve", str(tmp_path / "nope"), "--port", "0"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode != 0
+    assert "no such store directory or bundle file" in r.stderr
+    assert not (tmp_path / "nope").exists()
+
+
 def test_agent_flags_are_checked_before_anything_starts(bundles: dict[str, Path]) -> None:
     for extra, why in [
         (["--device-id", "d"], "give --broker"),
