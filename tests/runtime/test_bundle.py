@@ -54,13 +54,17 @@ def files_under(root: Path) -> set[Path]:
     return set(root.rglob("*"))
 
 
-ESCAPES = ["../../../x.tflite", "/tmp/edgekit-evil.tflite", "a/../../x.tflite", "..", "a\\..\\x.tflite", ""]
+#: ABSOLUTE stands for an absolute path outside the test's folder, fresh per test: a fixed name in
+#: /tmp was left behind by a mutant of the check (mutation runs share /tmp) and failed later runs.
+ESCAPES = ["../../../x.tflite", "ABSOLUTE", "a/../../x.tflite", "..", "a\\..\\x.tflite", ""]
 
 
 @pytest.mark.parametrize("name", ESCAPES)
 def test_a_model_file_that_escapes_is_refused_and_nothing_is_written(
     bundles: dict[str, Path], tmp_path: Path, name: str
 ) -> None:
+    outside = tmp_path.parent / f"edgekit-evil-{tmp_path.name}.tflite"
+    name = str(outside) if name == "ABSOLUTE" else name
     evil = rezip(
         bundles["mlp"], tmp_path / "evil.ekb", edit=set_model_file(name), rename={"model.tflite": name} if name else {}
     )
@@ -70,7 +74,7 @@ def test_a_model_file_that_escapes_is_refused_and_nothing_is_written(
     with pytest.raises(BundleError, match="not a plain relative member name"):
         install_bundle(evil, store)
     assert files_under(tmp_path) == before
-    assert not Path("/tmp/edgekit-evil.tflite").exists()
+    assert not outside.exists()
 
 
 @pytest.mark.parametrize("member_too", [False, True])
