@@ -232,6 +232,7 @@ class Fleet:
         self._allowed: dict[str, dict[str, tuple[str, int]]] = {}  # device -> artifact sha256 -> its file, size
         self._online: dict[str, bool] = {}
         self._last_seq: dict[str, int] = {}
+        self._has_shadow: dict[str, bool] = {}  # devices whose stored report holds a shadow result
         # (device, artifact, index) -> when sent, paho's message info (None: not sent after all)
         self._sent: dict[tuple[str, str, int], tuple[float, Any]] = {}
         self._sent_lock = threading.Lock()
@@ -506,7 +507,7 @@ class Fleet:
         self.stats.reports += 1
         b.tx.ensure_device(device, b.now)
         for name, m in rep.models.items():
-            detail = {
+            detail: dict[str, Any] = {
                 "versions": m.versions,
                 "target": m.target,
                 "rollout": m.rollout,
@@ -514,7 +515,13 @@ class Fleet:
                 "desired_generation": rep.desired_generation,
             }
             if m.shadow is not None:
-                detail["shadow"] = m.shadow
+                detail["shadow"] = {**m.shadow, "rollout": m.rollout}
+            else:  # the shadow check's result outlives the reports after it (the status shows it)
+                known = b.tx.device(device) if self._has_shadow.get(device) else None
+                stored = known.models.get(name) if known is not None else None
+                if stored is not None and stored.detail.get("shadow"):
+                    detail["shadow"] = stored.detail["shadow"]
+            self._has_shadow[device] = "shadow" in detail or self._has_shadow.get(device, False)
             b.tx.report_model(device, name, active=m.active, state=m.state, reason=m.reason, detail=detail, now=b.now)
             for r in list(self.rollouts.values()):
                 run = r.devices.get(device)
@@ -796,8 +803,8 @@ def rollout_json(row: dict[str, Any], progress: dict[str, dict[str, Any]], *, de
                 entry["online"] = seen["online"]
                 if seen["progress"] and d["state"] not in FINISHED:
                     entry["progress"] = seen["progress"]
-                if seen["shadow"] and spec.get("shadow"):
-                    entry["shadow"] = seen["shadow"]
+                if seen["shadow"] and seen["shadow"].get("rollout") == row["id"]:
+                    entry["shadow"] = {k: v for k, v in seen["shadow"].items() if k != "rollout"}
             shown.append(entry)
         out["devices"] = shown
     return out
