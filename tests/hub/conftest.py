@@ -53,19 +53,8 @@ def other_keys(tmp_path: Path) -> Keys:
 
 def onnx_model(seed: int = 0, features: int = 64) -> bytes:
     """float32[-1, features] -> softmax(x W) over 10 classes; ``features`` sets the size (40 B each)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     w = np.random.default_rng(seed).normal(size=(features, 10)).astype(np.float32) / 16
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probs"])],
-        "m",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", features])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 10])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return models.onnx_softmax(w)
 
 
 def make_bundle(

@@ -102,6 +102,23 @@ def to_tflite(model: Any, workdir: Path, *, fixed_batch: int | None = None, int8
     return bytes(conv.convert())
 
 
+def onnx_softmax(w: np.ndarray, *, x: str = "x", out: str = "probs") -> bytes:
+    """``x``: float32[-1, rows of w] -> ``out`` = softmax(x w), [-1, columns of w]: a classifier
+    built with onnx.helper (no TensorFlow)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [x, "w"], ["logits"]), helper.make_node("Softmax", ["logits"], [out])],
+        "softmax",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", w.shape[0]])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["n", w.shape[1]])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
 def onnx_two_in_two_out() -> bytes:
     """a, b: float32[-1, 3] -> sum = a + b, prod = a * b."""
     import onnx

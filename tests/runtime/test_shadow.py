@@ -21,6 +21,7 @@ from edgekit_runtime.backends import load_backend
 from edgekit_runtime.dataplane import DataPlane
 from edgekit_runtime.store import install_bundle
 from tests.mqtt import WAIT, Mosquitto
+from tests.runtime import models
 from tests.runtime.test_update import ScriptedHub, T, running_device, signed, wide_model
 
 X = np.random.default_rng(11).normal(size=(3, 4)).astype(np.float32)
@@ -29,27 +30,13 @@ W = np.random.default_rng(12).normal(size=(4, 3)).astype(np.float32)
 
 def classifier(w: np.ndarray) -> bytes:
     """x: float32[-1, 4] -> output_0 = softmax(x w), [-1, 3]: class probabilities."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"]), helper.make_node("Softmax", ["z"], ["output_0"], axis=-1)]
-    graph = helper.make_graph(
-        nodes,
-        "clf",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
-        [helper.make_tensor_value_info("output_0", TensorProto.FLOAT, ["n", 3])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model.SerializeToString()
+    return models.onnx_softmax(w, out="output_0")
 
 
 @pytest.fixture(scope="module")
 def clf(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Unsigned bundles of "clf": v1; v2 "agrees" (2 W: other probabilities, the same top class); v2
     "disagrees" (-W: the top class is v1's bottom one); and "wide" v1, v2 (not classifiers)."""
-    from tests.runtime import models
-
     d = tmp_path_factory.mktemp("clf")
     golden = {"x": np.random.default_rng(13).normal(size=(4, 4)).astype(np.float32)}
     out = {}

@@ -27,19 +27,9 @@ def serve_block() -> str:
 
 def digits_bundle(path: Path) -> Path:
     """digits: float32[-1, 64] -> softmax(x W) over 10 classes (onnx.helper; no TensorFlow)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     w = np.random.default_rng(0).normal(size=(64, 10)).astype(np.float32) / 16
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["pixels", "w"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probs"])],
-        "digits",
-        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["n", 64])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 10])],
-        [numpy_helper.from_array(w, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return models.make_bundle(path, name="digits", version=1, fmt="onnx", model=model.SerializeToString())
+    model = models.onnx_softmax(w, x="pixels")
+    return models.make_bundle(path, name="digits", version=1, fmt="onnx", model=model)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the README's block uses curl, which is not installed")
