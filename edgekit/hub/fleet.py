@@ -29,7 +29,7 @@ from typing import Any
 from edgekit.hub.artifacts import Artifacts
 from edgekit.hub.errors import ConflictError
 from edgekit.hub.rollout import FINISHED, Action, DeviceRun, Rollout, RolloutSpec, Target, parse_waves
-from edgekit.hub.store import DeviceRecord, Store, Tx
+from edgekit.hub.store import ACTIVE_ROLLOUT_STATES, DeviceRecord, Store, Tx
 from edgekit_runtime.agent.link import BrokerAddress, Link
 from edgekit_runtime.agent.protocol import (
     DEFAULT_CHUNK,
@@ -258,15 +258,13 @@ class Fleet:
         now = self.clock()
         with self.store.begin() as tx:
             states = tx.desired_states()
-            rows = tx.rollout_rows()
+            rows = tx.rollout_rows(states=(*ACTIVE_ROLLOUT_STATES, "aborted"))  # not the finished history
         self.desired = {d: Desired(generation=g, models=models) for d, (g, models) in states.items()}
         for device in self.desired:
             self._allow(device)
         self.rollouts.clear()
         for row in rows:
-            if row["state"] in ("running", "paused") or (
-                row["state"] == "aborted" and now - row["updated_at"] < ABORTED_KEPT_S
-            ):
+            if row["state"] in ACTIVE_ROLLOUT_STATES or now - row["updated_at"] < ABORTED_KEPT_S:
                 r = _rollout_from_row(row)
                 self.rollouts[r.spec.id] = r
                 self._remember(r)
@@ -596,7 +594,7 @@ class Fleet:
 
     def _deploy(self, b: _Batch, req: DeployRequest) -> str:
         tx = b.tx
-        active = tx.rollout_rows(active_only=True)
+        active = tx.rollout_rows(states=ACTIVE_ROLLOUT_STATES)
         clash = [row["id"] for row in active if row["model"] == req.model]
         if clash:
             state = next(r["state"] for r in active if r["id"] == clash[0])

@@ -138,9 +138,17 @@ class Hub:
             self.store = Store.open(database_url(config.db, data))
             self.registry = Registry(self.store, self.artifacts, config.trusted)
             self.devices = Devices(self.store)
-            broker = parse_broker_url(config.broker) if config.broker else None
-            self.fleet = Fleet(
-                self.store, self.artifacts, broker=broker, prefix=config.mqtt_prefix, link_options=config.link_options
+            # the fleet side only with a broker: without one nothing could reach a device
+            self.fleet = (
+                Fleet(
+                    self.store,
+                    self.artifacts,
+                    broker=parse_broker_url(config.broker),
+                    prefix=config.mqtt_prefix,
+                    link_options=config.link_options,
+                )
+                if config.broker
+                else None
             )
             swept = self.registry.sweep()
             if swept:
@@ -155,11 +163,12 @@ class Hub:
             self.devices,
             token=self.token,
             max_upload_bytes=self.config.max_upload_bytes,
-            fleet=self.fleet if self.config.broker else None,
+            fleet=self.fleet,
         )
 
     def close(self) -> None:
-        self.fleet.stop()
+        if self.fleet is not None:
+            self.fleet.stop()
         self.store.close()
         self._lock.close()
 
@@ -236,9 +245,8 @@ def serve(config: HubConfig, *, announce: Callable[[str], object] = print) -> No
                 announce(f"edgekit hub on http://{shown}:{port} (data {config.data}, database {hub.store.where})")
                 if not config.trusted:
                     log.warning("no --trust-key given: every push will be refused")
-                if config.broker:
-                    link = hub.fleet.link
-                    where = f"{link.broker.host}:{link.broker.port}" if link is not None else config.broker
+                if hub.fleet is not None and hub.fleet.link is not None:
+                    where = f"{hub.fleet.link.broker.host}:{hub.fleet.link.broker.port}"
                     announce(f"edgekit hub: devices through MQTT at {where} (topics {config.mqtt_prefix}/devices/...)")
                     hub.fleet.start()
                 else:

@@ -217,14 +217,16 @@ class Tx:
 
     # -- rollouts ---------------------------------------------------------------------------------
 
-    def rollout_rows(self, ids: Sequence[str] | None = None, *, active_only: bool = False) -> list[dict[str, Any]]:
+    def rollout_rows(
+        self, ids: Sequence[str] | None = None, *, states: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
         """Rollouts as plain rows, newest first, each with its ``devices`` (rollout_devices rows)."""
         r, rd = schema.rollouts, schema.rollout_devices
         query = sa.select(r).order_by(r.c.created_at.desc(), r.c.id)
         if ids is not None:
             query = query.where(r.c.id.in_(ids))
-        if active_only:
-            query = query.where(r.c.state.in_(ACTIVE_ROLLOUT_STATES))
+        if states is not None:
+            query = query.where(r.c.state.in_(states))
         rows = [dict(row._mapping) for row in self.conn.execute(query)]
         if not rows:
             return rows
