@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -50,6 +51,16 @@ def hub() -> None:
     help="the embedded broker's port (default 1883; 0 picks a free one, and the printed line says which)",
 )
 @click.option("--db", help="database URL: postgresql://USER@HOST:PORT/DB (default: SQLite in DATA/hub.db)")
+@click.option(
+    "--no-ingest",
+    is_flag=True,
+    help="do not store the devices' telemetry in this process (`edgekit hub ingest` workers do)",
+)
+@click.option(
+    "--ingest-group",
+    help="take telemetry through the MQTT 5 shared subscription of this name, beside `edgekit hub ingest "
+    "--group NAME` workers (Mosquitto 2; not the embedded broker)",
+)
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), help="refuse bigger pushes")
 @click.option(
     "--log-level",
@@ -70,6 +81,8 @@ def serve(
     tls_cert: Path | None,
     tls_key: Path | None,
     db: str | None,
+    no_ingest: bool,
+    ingest_group: str | None,
     max_upload_mb: float | None,
     log_level: str,
 ) -> None:
@@ -79,6 +92,7 @@ def serve(
 
     from edgekit.hub.embedded_broker import DEFAULT_BROKER_PORT, check_embedded_broker
     from edgekit.hub.server import HubConfig, parse_http, serve
+    from edgekit.hub.telemetry import check_group
     from edgekit_runtime.agent.link import parse_broker_url
     from edgekit_runtime.agent.protocol import check_prefix
 
@@ -101,7 +115,12 @@ def serve(
     tls = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
     host, port = parse_http(http)
     trusted = tuple(load_public_key(p) for p in trust_keys)
-    extra = {} if max_upload_mb is None else {"max_upload_bytes": int(max_upload_mb * 1e6)}
+    if ingest_group is not None:
+        check_group(ingest_group)
+        if embedded_broker:
+            msg = "--ingest-group needs a broker with shared subscriptions (Mosquitto 2); the embedded one has none"
+            raise InvalidInputError(msg)
+    extra: dict[str, Any] = {} if max_upload_mb is None else {"max_upload_bytes": int(max_upload_mb * 1e6)}
     config = HubConfig(
         data=data,
         host=host,
@@ -113,7 +132,85 @@ def serve(
         link_options={k: str(v) for k, v in tls.items() if v is not None},
         embedded_broker_port=embedded_port,
         log_level=log_level,
+        ingest=not no_ingest,
+        ingest_group=ingest_group,
         **extra,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(config, announce=lambda line: click.echo(line, err=True))
+
+
+@hub.command("ingest")
+@click.option("--broker", required=True, help="the fleet's MQTT broker, mqtt://[USER:PASS@]HOST:PORT or mqtts://...")
+@click.option(
+    "--db",
+    required=True,
+    help="the hub's database, postgresql://USER@HOST:PORT/DB (or sqlite:///DATA/hub.db, one hub's, same disk)",
+)
+@click.option(
+    "--group",
+    default="edgekit-ingest",
+    show_default=True,
+    help="the MQTT 5 shared subscription's name: workers of one group share the messages",
+)
+@click.option("--mqtt-prefix", default="edgekit", show_default=True, help="topic prefix shared with the devices")
+@click.option("--tls-ca", type=_FILE, help="CA certificate of the broker (mqtts://)")
+@click.option("--tls-cert", type=_FILE, help="this worker's client certificate")
+@click.option("--tls-key", type=_FILE, help="the private key for --tls-cert")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="warning",
+    show_default=True,
+)
+def ingest(
+    *,
+    broker: str,
+    db: str,
+    group: str,
+    mqtt_prefix: str,
+    tls_ca: Path | None,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    log_level: str,
+) -> None:
+    """Store the devices' telemetry, as one of several worker processes sharing one subscription and one
+    database, until SIGINT/SIGTERM (docs/telemetry.md). Prints one line once subscribed."""
+    import logging
+    import signal
+    import threading
+
+    from edgekit.hub.store import Store, database_url
+    from edgekit.hub.telemetry import Ingestor, check_group
+    from edgekit_runtime.agent.link import parse_broker_url
+    from edgekit_runtime.agent.protocol import check_prefix
+
+    address = parse_broker_url(broker)
+    check_group(group)
+    check_prefix(mqtt_prefix)
+    if (tls_cert is None) != (tls_key is None):
+        msg = "give --tls-cert and --tls-key together (the worker's certificate and its key)"
+        raise InvalidInputError(msg)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    store = Store.open(database_url(db, Path.cwd()))
+    tls = {"tls_ca": tls_ca, "tls_cert": tls_cert, "tls_key": tls_key}
+    worker = Ingestor(
+        store,
+        address,
+        prefix=mqtt_prefix,
+        group=group,
+        link_options={k: str(v) for k, v in tls.items() if v is not None},
+    )
+    try:
+        worker.start()
+        click.echo(f"edgekit hub ingest: storing telemetry from {worker.subscription} into {store.where}", err=True)
+        stop.wait()
+    finally:
+        worker.stop()
+        store.close()
+        s = worker.stats
+        bad = sum(s.bad.values())
+        click.echo(f"edgekit hub ingest: stopped; stored {s.stored}, duplicates {s.duplicates}, bad {bad}", err=True)

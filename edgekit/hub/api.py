@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import re
 from collections import defaultdict
@@ -32,6 +33,7 @@ from edgekit.hub.fleet import DeployRequest, Fleet
 from edgekit.hub.openapi import BUNDLE_NAME_HEADER, document
 from edgekit.hub.registry import Registry, iso_time
 from edgekit.hub.store import BundleRecord, DeviceRecord
+from edgekit.hub.telemetry import MAX_PAGE, Ingestor, device_history, export_rows, fleet_rows
 from edgekit_runtime.errors import EdgekitError, InvalidInputError, PayloadTooLargeError, UnavailableError
 
 __all__ = ["PUBLIC_PATHS", "bundle_json", "create_app", "device_json", "error_response"]
@@ -115,8 +117,16 @@ class _RequireToken:
 
 class _Api:
     def __init__(
-        self, registry: Registry, devices: Devices, artifacts: Artifacts, max_upload_bytes: int, fleet: Fleet | None
+        self,
+        registry: Registry,
+        devices: Devices,
+        artifacts: Artifacts,
+        max_upload_bytes: int,
+        fleet: Fleet | None,
+        *,
+        ingestor: Ingestor | None = None,
     ) -> None:
+        self.ingestor = ingestor
         self.registry = registry
         self.devices = devices
         self.artifacts = artifacts
@@ -226,6 +236,69 @@ class _Api:
         await run_in_threadpool(self.fleet.control, rid, action)
         return JSONResponse(await run_in_threadpool(self.fleet.status, rid))
 
+    # -- telemetry ------------------------------------------------------------------------------
+
+    def _read(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.registry.store.read() as tx:
+            return fn(tx.conn, *args, **kwargs)
+
+    async def fleet_view(self, request: Request) -> Response:
+        rows = await run_in_threadpool(self._read, fleet_rows)
+        return JSONResponse({"devices": rows})
+
+    async def fleet_device(self, request: Request) -> Response:
+        device_id = request.path_params["id"]
+        found = await run_in_threadpool(self.devices.get, device_id)  # 404 for an unknown device
+        limit = _int_param(request, "limit", 120, 1, 10_000)
+        history = await run_in_threadpool(self._read, device_history, device_id, limit=limit)
+        return JSONResponse({**device_json(found), "telemetry": history})
+
+    async def telemetry(self, request: Request) -> Response:
+        q = request.query_params
+        device = q.get("device") or None
+        since = _float_param(request, "since")
+        limit = _int_param(request, "limit", MAX_PAGE, 1, MAX_PAGE)
+        after: tuple[str, int] | None = None
+        if q.get("after"):
+            dev, _, seq = q["after"].rpartition(":")
+            if not dev or not seq.isdigit():
+                msg = f"after={q['after']!r}: give DEVICE:SEQ, the `next` of the previous page"
+                raise InvalidInputError(msg)
+            after = (dev, int(seq))
+        rows = await run_in_threadpool(self._read, export_rows, device=device, since=since, after=after, limit=limit)
+        nxt = f"{rows[-1]['device']}:{rows[-1]['seq']}" if len(rows) == limit else None
+        return JSONResponse({"rows": rows, "next": nxt})
+
+    async def telemetry_stats(self, request: Request) -> Response:
+        if self.ingestor is None:
+            return JSONResponse({"ingesting": False})
+        return JSONResponse({"ingesting": True, "subscription": self.ingestor.subscription,
+                             **self.ingestor.stats.as_dict()})  # fmt: skip
+
+
+def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.isdigit() or not lo <= int(raw) <= hi:
+        msg = f"{name}={raw!r}: give a whole number from {lo} to {hi}"
+        raise InvalidInputError(msg)
+    return int(raw)
+
+
+def _float_param(request: Request, name: str) -> float | None:
+    raw = request.query_params.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        msg = f"{name}={raw!r}: give unix seconds, e.g. {name}=1764624000"
+        raise InvalidInputError(msg)
+    return value
+
 
 async def _json_body(request: Request) -> Any:
     raw = await request.body()
@@ -269,8 +342,9 @@ def create_app(
     token: str,
     max_upload_bytes: int = 2 << 30,
     fleet: Fleet | None = None,
+    ingestor: Ingestor | None = None,
 ) -> Starlette:
-    api = _Api(registry, devices, registry.artifacts, max_upload_bytes, fleet)
+    api = _Api(registry, devices, registry.artifacts, max_upload_bytes, fleet, ingestor=ingestor)
     routes = [
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
@@ -286,6 +360,10 @@ def create_app(
         Route("/v1/rollouts/{id}", api.rollout, methods=["GET"]),
         Route("/v1/rollouts/{id}/{action}", api.control, methods=["POST"]),
         Route("/v1/rollbacks", api.rollback, methods=["POST"]),
+        Route("/v1/fleet", api.fleet_view, methods=["GET"]),
+        Route("/v1/fleet/{id}", api.fleet_device, methods=["GET"]),
+        Route("/v1/telemetry", api.telemetry, methods=["GET"]),
+        Route("/v1/telemetry/stats", api.telemetry_stats, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

@@ -52,8 +52,17 @@ def _v2_rollouts(conn: Connection) -> None:
     schema.desired_states.create(conn)
 
 
+def _v3_telemetry(conn: Connection) -> None:
+    """v2 -> v3: the devices' telemetry (raw rows, the newest per device and model, minutes)."""
+    for table in (schema.telemetry, schema.telemetry_latest, schema.telemetry_minutes):
+        table.create(conn)
+
+
 #: Steps after BASELINE, in order.
-MIGRATIONS: tuple[Migration, ...] = (Migration(2, "rollout state, desired states, previous versions", _v2_rollouts),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "rollout state, desired states, previous versions", _v2_rollouts),
+    Migration(3, "telemetry", _v3_telemetry),
+)
 
 
 def head(migrations: Sequence[Migration] = MIGRATIONS) -> int:

@@ -26,6 +26,10 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": schema, "description": description}
+
+
 _UNAUTHORIZED = {"401": _error("no token, or not the hub's (Authorization: Bearer TOKEN; DATA/token)")}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
@@ -186,6 +190,56 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             "409": _error("another rollout of the model is running or paused"),
         },
     },
+    ("GET", "/v1/fleet"): {
+        "summary": "One row per device and model: version, online, p95, req/s, error % (`edgekit fleet`)",
+        "responses": {
+            "200": _json(
+                {"type": "object", "properties": {"devices": {"type": "array", "items": _ref("FleetRow")}}},
+                "the fleet, devices in id order",
+            ),
+            **_UNAUTHORIZED,
+        },
+    },
+    ("GET", "/v1/fleet/{id}"): {
+        "summary": "A device with its recent telemetry per model and its newest device message",
+        "parameters": [
+            _DEVICE,
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000, "default": 120}, "intervals per model"),
+        ],
+        "responses": {
+            "200": _json({"type": "object"}, "the device (as GET /v1/devices/{id}) and `telemetry`"),
+            "400": _error("a bad limit"),
+            **_UNAUTHORIZED,
+            "404": _error("no such device"),
+        },
+    },
+    ("GET", "/v1/telemetry"): {
+        "summary": "Model telemetry rows, one per device, model, version and interval, in (device, seq) order",
+        "parameters": [
+            _query("device", {"type": "string"}, "one device's rows only"),
+            _query("since", {"type": "number"}, "unix seconds: rows whose interval ended then or later"),
+            _query("after", {"type": "string"}, "DEVICE:SEQ, the previous page's `next`"),
+            _query("limit", {"type": "integer", "minimum": 1, "maximum": 10000, "default": 10000}, "rows per page"),
+        ],
+        "responses": {
+            "200": _json(
+                {
+                    "type": "object",
+                    "properties": {
+                        "rows": {"type": "array", "items": _ref("TelemetryRow")},
+                        "next": {"type": ["string", "null"], "description": "pass as `after` for the next page"},
+                    },
+                },
+                "a page of rows",
+            ),
+            "400": _error("a bad parameter"),
+            **_UNAUTHORIZED,
+        },
+    },
+    ("GET", "/v1/telemetry/stats"): {
+        "summary": "This hub process's telemetry ingestion counters (received, stored, duplicates, bad by reason)",
+        "responses": {"200": _json({"type": "object"}, "the counters"), **_UNAUTHORIZED},
+    },
 }
 
 _BUNDLE = {
@@ -289,6 +343,47 @@ _SCHEMAS: dict[str, Any] = {
                     },
                 },
             },
+        },
+    },
+    "FleetRow": {
+        "type": "object",
+        "properties": {
+            "device": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "profile": {"type": "string"},
+            "online": {"type": "boolean"},
+            "last_seen": {"type": ["number", "null"], "description": "unix seconds: presence or telemetry"},
+            "model": {"type": ["string", "null"]},
+            "version": {"type": ["integer", "null"]},
+            "state": {"type": ["string", "null"]},
+            "p95_ms": {"type": ["number", "null"], "description": "of the newest interval"},
+            "req_per_s": {"type": ["number", "null"]},
+            "error_pct": {"type": ["number", "null"]},
+            "interval_end": {"type": ["number", "null"]},
+        },
+    },
+    "TelemetryRow": {
+        "type": "object",
+        "properties": {
+            name: {"type": kind}
+            for name, kind in (
+                ("device", "string"),
+                ("model", "string"),
+                ("version", "integer"),
+                ("seq", "integer"),
+                ("interval_start", "number"),
+                ("interval_end", "number"),
+                ("requests", "integer"),
+                ("errors", "integer"),
+                ("rejected", "integer"),
+                ("p50_ms", ["number", "null"]),
+                ("p95_ms", ["number", "null"]),
+                ("p99_ms", ["number", "null"]),
+                ("rows", "integer"),
+                ("rows_per_s", "number"),
+                ("queue_depth", "integer"),
+                ("errors_by_kind", "string"),
+            )
         },
     },
     "Device": {

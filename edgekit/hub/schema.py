@@ -17,6 +17,9 @@ __all__ = [
     "rollout_devices",
     "rollouts",
     "schema_version",
+    "telemetry",
+    "telemetry_latest",
+    "telemetry_minutes",
 ]
 
 metadata = sa.MetaData()
@@ -124,4 +127,71 @@ desired_states = sa.Table(
     sa.Column("generation", sa.Integer, nullable=False),
     sa.Column("models", sa.JSON, nullable=False),
     sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+
+#: Every telemetry message stored (protocol.Telemetry), once: (device, seq) is the key, so a message
+#: the device sends again (no ack reached it) or two ingestion workers both see is stored once. The
+#: columns are what the fleet views and exports filter and sum; ``body`` is the whole message.
+#: ``model`` is "" for a device message (kind "device"). Schema v3.
+telemetry = sa.Table(
+    "telemetry",
+    metadata,
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("kind", sa.String(8), nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("version", sa.Integer, nullable=True),
+    sa.Column("interval_start", sa.Float, nullable=False),
+    sa.Column("interval_end", sa.Float, nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("errors", sa.Integer, nullable=False),
+    sa.Column("rejected", sa.Integer, nullable=False),
+    sa.Column("p50_ms", sa.Float, nullable=True),
+    sa.Column("p95_ms", sa.Float, nullable=True),
+    sa.Column("p99_ms", sa.Float, nullable=True),
+    sa.Column("rows_per_s", sa.Float, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("body", sa.JSON, nullable=False),
+    sa.Index("ix_telemetry_interval_end", "interval_end"),
+    sa.Index("ix_telemetry_device_end", "device_id", "interval_end"),
+)
+
+#: The newest telemetry per device and model ("" = the device's own message): what `edgekit fleet`
+#: and the dashboard's overview read, one row per device and model instead of a scan of history.
+telemetry_latest = sa.Table(
+    "telemetry_latest",
+    metadata,
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, nullable=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
+    sa.Column("interval_start", sa.Float, nullable=False),
+    sa.Column("interval_end", sa.Float, nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("errors", sa.Integer, nullable=False),
+    sa.Column("rejected", sa.Integer, nullable=False),
+    sa.Column("p95_ms", sa.Float, nullable=True),
+    sa.Column("rows_per_s", sa.Float, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("body", sa.JSON, nullable=False),
+)
+
+#: Raw telemetry older than the retention, summed per device, model, version and minute (requests,
+#: errors, rejected, rows; the worst p50/p95/p99 of the minute's intervals). Schema v3.
+telemetry_minutes = sa.Table(
+    "telemetry_minutes",
+    metadata,
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("version", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("minute", sa.Float, primary_key=True),
+    sa.Column("intervals", sa.Integer, nullable=False),
+    sa.Column("requests", sa.Integer, nullable=False),
+    sa.Column("errors", sa.Integer, nullable=False),
+    sa.Column("rejected", sa.Integer, nullable=False),
+    sa.Column("rows", sa.BigInteger, nullable=False),
+    sa.Column("p50_ms", sa.Float, nullable=True),
+    sa.Column("p95_ms", sa.Float, nullable=True),
+    sa.Column("p99_ms", sa.Float, nullable=True),
 )

@@ -35,6 +35,7 @@ from edgekit.hub.embedded_broker import start_embedded_broker
 from edgekit.hub.fleet import Fleet
 from edgekit.hub.registry import Registry
 from edgekit.hub.store import Store, database_url
+from edgekit.hub.telemetry import Ingestor
 from edgekit_runtime.agent.link import parse_broker_url
 from edgekit_runtime.bundle import fsync_dir, max_bundle_bytes
 from edgekit_runtime.errors import InvalidInputError, UnavailableError
@@ -63,6 +64,8 @@ class HubConfig:
     embedded_broker_port: int | None = None  # --embedded-broker: amqtt on 127.0.0.1:PORT (0: free) is the broker
     max_upload_bytes: int = field(default_factory=max_bundle_bytes)
     log_level: str = "warning"
+    ingest: bool = True  # store the devices' telemetry in this process (False: `edgekit hub ingest` workers do)
+    ingest_group: str | None = None  # join this shared subscription for telemetry ($share/GROUP/...)
 
 
 def parse_http(value: str) -> tuple[str, int]:
@@ -150,6 +153,17 @@ class Hub:
                 if config.broker
                 else None
             )
+            self.ingestor = (
+                Ingestor(
+                    self.store,
+                    parse_broker_url(config.broker),
+                    prefix=config.mqtt_prefix,
+                    group=config.ingest_group,
+                    link_options=config.link_options,
+                )
+                if config.broker and config.ingest
+                else None
+            )
             swept = self.registry.sweep()
             if swept:
                 log.warning("removed %d file(s) a crash left in %s: %s", len(swept), self.artifacts.root, swept)
@@ -164,9 +178,12 @@ class Hub:
             token=self.token,
             max_upload_bytes=self.config.max_upload_bytes,
             fleet=self.fleet,
+            ingestor=self.ingestor,
         )
 
     def close(self) -> None:
+        if self.ingestor is not None:
+            self.ingestor.stop()
         if self.fleet is not None:
             self.fleet.stop()
         self.store.close()
@@ -249,6 +266,9 @@ def serve(config: HubConfig, *, announce: Callable[[str], object] = print) -> No
                     where = f"{hub.fleet.link.broker.host}:{hub.fleet.link.broker.port}"
                     announce(f"edgekit hub: devices through MQTT at {where} (topics {config.mqtt_prefix}/devices/...)")
                     hub.fleet.start()
+                    if hub.ingestor is not None:
+                        announce(f"edgekit hub: storing telemetry from {hub.ingestor.subscription}")
+                        hub.ingestor.start()
                 else:
                     log.warning("no --broker given: devices cannot be reached; deploy and rollback are refused")
                 server = _Server(

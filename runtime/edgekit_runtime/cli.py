@@ -70,6 +70,23 @@ def _sizes(ctx: click.Context, param: click.Parameter, value: str | None) -> lis
     return sizes  # the rule itself (increasing, last = max_batch_size) is BatchingSettings'
 
 
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def _byte_size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``16777216``, ``16M``, ``512K``, ``1G`` (binary units), at least 64K."""
+    if value is None:
+        return None
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _UNITS and not text[-1:].isdigit() else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        size = int(float(number) * _UNITS[unit])
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give a size in bytes, or with K, M or G, e.g. 16M") from None
+    if size < 64 << 10:
+        raise click.BadParameter(f"{value!r}: the telemetry queue needs at least 64K")
+    return size
 
 
 def _logging(level: str) -> None:
@@ -134,6 +151,23 @@ def _labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
     help="where the agent keeps its state  [default: STORE/.edgekit-agent of the first store]",
 )
 @click.option(
+    "--telemetry-interval",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="seconds between telemetry messages to the hub; 0 = none  [default: 10; needs --broker]",
+)
+@click.option(
+    "--telemetry-queue-bytes",
+    callback=_byte_size,
+    help="bound of the on-disk telemetry queue, e.g. 16M; past it the oldest are dropped and counted  [default: 16M]",
+)
+@click.option(
+    "--telemetry-rate",
+    type=click.FloatRange(min=0.1),
+    default=None,
+    help="telemetry messages per second at most while a backlog drains  [default: 10]",
+)
+@click.option(
     "--http",
     "http_server",
     type=click.Choice(HTTP_SERVERS),
@@ -166,6 +200,9 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     tls_key: Path | None,
     mqtt_prefix: str,
     state_dir: Path | None,
+    telemetry_interval: float | None,
+    telemetry_queue_bytes: int | None,
+    telemetry_rate: float | None,
     http_server: str,
 ) -> None:
     """Serve model bundles over HTTP (TF Serving REST and Open Inference Protocol v2) with batching.
@@ -217,6 +254,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         state_dir=state_dir,
         tls=(tls_ca, tls_cert, tls_key),
         trusted_keys=runtime_keys,
+        telemetry=(telemetry_interval, telemetry_queue_bytes, telemetry_rate),
     )
     if agent is not None:
         agent.start()
@@ -248,15 +286,20 @@ def _agent(
     state_dir: Path | None,
     tls: tuple[Path | None, Path | None, Path | None] = (None, None, None),
     trusted_keys: list[PublicKey] | None = None,
+    telemetry: tuple[float | None, int | None, float | None] = (None, None, None),
 ) -> Agent | None:
     """The device agent when --broker is given; every setting checked before anything starts."""
     if broker is None:
-        if device_id or profile or labels or state_dir or any(tls):
-            msg = "--device-id, --profile, --label, --state-dir and --tls-* are the agent's: give --broker too"
+        if device_id or profile or labels or state_dir or any(tls) or any(t is not None for t in telemetry):
+            msg = (
+                "--device-id, --profile, --label, --state-dir, --tls-* and --telemetry-* are the agent's: "
+                "give --broker too"
+            )
             raise InvalidInputError(msg)
         return None
     from edgekit_runtime.agent import Agent, parse_broker_url
     from edgekit_runtime.agent.protocol import check_device_id, check_prefix
+    from edgekit_runtime.agent.telemetry import DEFAULT_INTERVAL, DEFAULT_RATE
 
     address = parse_broker_url(broker)
     if not device_id:
@@ -286,6 +329,9 @@ def _agent(
         prefix=prefix,
         store=stores[0] if stores else None,
         trusted_keys=trusted_keys,
+        telemetry_interval=DEFAULT_INTERVAL if telemetry[0] is None else telemetry[0],
+        telemetry_queue_bytes=telemetry[1],
+        telemetry_rate=DEFAULT_RATE if telemetry[2] is None else telemetry[2],
         link_options={
             "tls_ca": str(ca) if ca else None,
             "tls_cert": str(cert) if cert else None,

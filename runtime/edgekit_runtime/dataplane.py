@@ -59,25 +59,35 @@ class DataPlane:
                 out = await model.infer_async(feeds)
             if not pinned:
                 self.runtime.observe(model, feeds, out)  # a shadow check mirrors from here
+            answered = model.metrics
+            if answered is not None and answered.window is not None:
+                answered.window.outputs(out)
             return out
         finally:
             if m is not None:
-                m.latency.observe(time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                m.latency.observe(elapsed)
+                if m.window is not None:
+                    m.window.latency(elapsed)
 
     @contextmanager
     def counted(self, model: LoadedModel) -> Iterator[None]:
         """Count one request to ``model`` (decoding, inference and encoding) and, if it fails, its
         HTTP status: an EdgekitError's own, 500 for anything else (a bug, which must show up too)."""
         m = model.metrics
+        status: int | None = None
         try:
             yield
         except Exception as e:
+            status = e.http_status if isinstance(e, EdgekitError) else 500
             if m is not None:
-                m.errors_by_code(e.http_status if isinstance(e, EdgekitError) else 500).inc()
+                m.errors_by_code(status).inc()
             raise
         finally:
             if m is not None:
                 m.requests.inc()
+                if m.window is not None:
+                    m.window.request(status)
 
     # -- health and status --------------------------------------------------------------------
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from threading import Lock
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
+
+from edgekit_runtime.livestats import Window
 
 __all__ = ["CONTENT_TYPE", "Figures", "Metrics", "ModelMetrics"]
 
@@ -32,9 +35,12 @@ class ModelMetrics:
     latency: Histogram
     batch_rows: Histogram
     padding_rows: Counter
+    window: Window | None = None  # the telemetry interval's figures (livestats.py)
 
     def on_batch(self, rows: int, padded: int) -> None:
         self.batch_rows.observe(rows)
+        if self.window is not None:
+            self.window.batch(rows)
         if padded > rows:
             self.padding_rows.inc(padded - rows)
 
@@ -131,6 +137,8 @@ class Metrics:
         )
         self._queue = _QueueCollector()
         self.registry.register(self._queue)
+        self._windows: dict[tuple[str, int], Window] = {}
+        self._windows_lock = Lock()
 
     def set_queue_source(self, source: QueueSource) -> None:
         self._queue.source = source
@@ -141,13 +149,26 @@ class Metrics:
         def errors_by_code(code: int) -> Counter:
             return self.errors.labels(name, v, str(code))
 
+        with self._windows_lock:
+            window = self._windows.setdefault((name, version), Window(name, version))
         return ModelMetrics(
             requests=self.requests.labels(name, v),
             errors_by_code=errors_by_code,
             latency=self.latency.labels(name, v),
             batch_rows=self.batch_rows.labels(name, v),
             padding_rows=self.padding.labels(name, v),
+            window=window,
         )
+
+    def windows(self) -> list[Window]:
+        """Every model version's telemetry window (livestats.Window), in (model, version) order."""
+        with self._windows_lock:
+            return [self._windows[k] for k in sorted(self._windows)]
+
+    def drop_window(self, name: str, version: int) -> None:
+        """Forget a version's window (it left the runtime and its last interval was sent)."""
+        with self._windows_lock:
+            self._windows.pop((name, version), None)
 
     def figures(self, name: str, version: int) -> Figures:
         """The totals of one model version (all zero when it never served)."""

@@ -111,6 +111,8 @@ class LoadedModel:
         self.notes = backend.notes
         self.inputs = [_serving_spec(s) for s in backend.signature.inputs]
         self.outputs = [_serving_spec(s) for s in backend.signature.outputs]
+        if metrics is not None and metrics.window is not None:
+            metrics.window.first_output = self.outputs[0].name if self.outputs else ""
         pre = manifest.preprocessing
         pre_input = (pre.input or self.inputs[0].name) if pre is not None else None
         self._checks = []

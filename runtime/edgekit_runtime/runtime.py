@@ -126,7 +126,7 @@ class Runtime:
         self._flags = batching
         self._threads = threads
         self.metrics = metrics or Metrics()
-        self.metrics.set_queue_source(self._queue_depths)
+        self.metrics.set_queue_source(self.queue_depths)
         self._sources: list[Path] = []
         self._models: dict[str, _Entry] = {}
         self._lock = threading.RLock()
@@ -479,7 +479,7 @@ class Runtime:
                     return BundleError(f"nothing to serve: {problem}")
         return None
 
-    def _queue_depths(self) -> list[tuple[str, str, int]]:
+    def queue_depths(self) -> list[tuple[str, str, int]]:
         return [
             (name, str(v), lm.batcher.queue_depth)
             for name, entry in list(self._models.items())

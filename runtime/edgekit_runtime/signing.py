@@ -241,9 +241,7 @@ def verify_bundle(bundle: Bundle, trusted: Iterable[PublicKey], where: str = "bu
         raise SignatureError(msg) from None
     actual = member_hashes(bundle)
     if actual != statement.members:
-        changed = sorted(
-            n for n in set(actual) | set(statement.members) if actual.get(n) != statement.members.get(n)
-        )
+        changed = sorted(n for n in set(actual) | set(statement.members) if actual.get(n) != statement.members.get(n))
         msg = f"{where}: {', '.join(changed)} differ from what key {kid} signed: the bundle was changed after signing"
         raise SignatureError(msg)
     return key

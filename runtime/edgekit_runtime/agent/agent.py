@@ -38,6 +38,7 @@ from edgekit_runtime.agent.protocol import (
     decode_chunk,
     encode,
 )
+from edgekit_runtime.agent.telemetry import DEFAULT_INTERVAL, DEFAULT_RATE, ErrorLog, TelemetrySender
 from edgekit_runtime.agent.update import ACTIVE_STATES, FAILED, ROLLED_BACK, Job, Updater
 from edgekit_runtime.bundle import fsync_dir
 from edgekit_runtime.runtime import AVAILABLE, Runtime
@@ -120,6 +121,9 @@ class Agent:
         link_options: dict[str, Any] | None = None,
         store: Path | None = None,
         trusted_keys: list[PublicKey] | None = None,
+        telemetry_interval: float = DEFAULT_INTERVAL,
+        telemetry_queue_bytes: int | None = None,
+        telemetry_rate: float = DEFAULT_RATE,
     ) -> None:
         self.runtime = runtime
         self.topics = Topics(prefix, device_id)
@@ -152,11 +156,36 @@ class Agent:
         )
         self.link.subscribe(self.topics.desired, self._on_desired)
         self.link.subscribe(self.topics.chunks_data, self._on_chunk)
+        self.errors = ErrorLog()
+        self.telemetry: TelemetrySender | None = None
+        if telemetry_interval > 0:
+            options: dict[str, Any] = {"interval": telemetry_interval, "rate": telemetry_rate}
+            if telemetry_queue_bytes is not None:
+                options["max_bytes"] = telemetry_queue_bytes
+            self.telemetry = TelemetrySender(
+                runtime,
+                self.link,
+                self.topics,
+                state_dir / "telemetry.db",
+                agent_state=self.activity,
+                store=store,
+                errors=self.errors,
+                **options,
+            )
 
     def start(self) -> None:
+        logging.getLogger("edgekit_runtime").addHandler(self.errors)
         self._worker = threading.Thread(target=self._work, name="edgekit-agent", daemon=True)
         self._worker.start()
+        if self.telemetry is not None:
+            self.telemetry.start()
         self.link.start()
+
+    def activity(self) -> str:
+        """One line of what the agent does: ``idle``, or its update jobs (``downloading digits v2``)."""
+        jobs = self.updater.jobs if self.updater is not None else {}
+        busy = [f"{j.state} {m} v{j.version}" for m, j in sorted(jobs.items()) if j.state in ACTIVE_STATES]
+        return ", ".join(busy) if busy else "idle"
 
     def loaded(self) -> None:
         """The runtime finished its first load: resume interrupted updates, then report."""
@@ -167,8 +196,11 @@ class Agent:
         self._events.put(("stop", None))
         if self._worker is not None:
             self._worker.join(30)
+        if self.telemetry is not None:
+            self.telemetry.stop()
         offline = Presence(online=False, device=self.device_id, profile=self.profile, labels=self.labels)
         self.link.stop(final=(self.topics.presence, encode(offline)))
+        logging.getLogger("edgekit_runtime").removeHandler(self.errors)
 
     # -- the worker ---------------------------------------------------------------------------
 
@@ -226,6 +258,8 @@ class Agent:
         )
         self.link.publish(self.topics.presence, encode(presence), retain=True)
         self.report()
+        if self.telemetry is not None:
+            self.telemetry.on_connect()
 
     def reported(self) -> Reported:
         """This device's state now: every model's active and loaded versions, and its update jobs."""

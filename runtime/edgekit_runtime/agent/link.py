@@ -65,6 +65,7 @@ class Link:
         tls_ca, tls_cert, tls_key: files for TLS (mqtts://) with a client certificate.
         max_inflight: QoS 1 messages sent and not yet acknowledged (paho's default is 20; the hub,
             which answers a whole fleet's chunk requests, raises it).
+        mqtt5: speak MQTT 5 (the hub's telemetry workers, for a shared subscription) instead of 3.1.1.
     """
 
     def __init__(
@@ -81,17 +82,25 @@ class Link:
         tls_cert: str | None = None,
         tls_key: str | None = None,
         max_inflight: int = 20,
+        mqtt5: bool = False,
     ) -> None:
         import paho.mqtt.client as mqtt
 
         self.broker = broker
         self._mqtt = mqtt
-        self._client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
-            client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=True,
-        )
+        if mqtt5:  # shared subscriptions ($share/GROUP/...) are MQTT 5's; clean start is its default
+            self._client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+                client_id=client_id,
+                protocol=mqtt.MQTTv5,
+            )
+        else:
+            self._client = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2,  # type: ignore[attr-defined]
+                client_id=client_id,
+                protocol=mqtt.MQTTv311,
+                clean_session=True,
+            )
         if broker.username is not None:
             self._client.username_pw_set(broker.username, broker.password)
         if broker.tls or tls_ca is not None:
@@ -103,6 +112,7 @@ class Link:
         self._client.on_disconnect = self._disconnected
         self._client.on_message = self._message
         self._handlers: dict[str, Handler] = {}
+        self._filters: dict[str, Handler] = {}  # what messages are matched against ($share/G/ cut off)
         self._on_connect = on_connect
         self._base = backoff_base
         self._max = backoff_max
@@ -118,8 +128,12 @@ class Link:
 
     def subscribe(self, topic: str, handler: Handler) -> None:
         """Deliver messages on ``topic`` to ``handler``; kept across reconnects. ``topic`` may hold
-        MQTT wildcards (``+``, ``#``): the hub subscribes to every device's topics at once."""
+        MQTT wildcards (``+``, ``#``): the hub subscribes to every device's topics at once; and it
+        may be a shared subscription, ``$share/GROUP/FILTER`` (the broker gives each message to one
+        subscriber of the group)."""
         self._handlers[topic] = handler
+        if topic.startswith("$share/"):
+            self._filters[topic.split("/", 2)[2]] = handler
         if self._is_connected.is_set():
             self._client.subscribe(topic, qos=1)
 
@@ -217,7 +231,8 @@ class Link:
         topic = getattr(message, "topic", "")
         handler = self._handlers.get(topic)
         if handler is None:
-            matches = (h for pattern, h in self._handlers.items() if self._mqtt.topic_matches_sub(pattern, topic))
+            patterns = {**self._handlers, **self._filters}
+            matches = (h for pattern, h in patterns.items() if self._mqtt.topic_matches_sub(pattern, topic))
             handler = next(matches, None)
         if handler is None:
             return

@@ -16,6 +16,9 @@ topic                                 retained   writer    payload
 ``P/devices/ID/desired``              yes        hub       Desired (what should run)
 ``P/devices/ID/chunks/get``           no         device    ChunkRequest (a window of chunk indexes)
 ``P/devices/ID/chunks/data``          no         hub       a chunk frame (encode_chunk)
+``P/devices/ID/telemetry``            no         device    Telemetry (one model version's interval, or
+                                                           the device's own figures), by sequence
+``P/devices/ID/acks``                 no         hub       Ack (the sequence numbers the hub stored)
 ====================================  =========  ========  ===========================================
 """
 
@@ -28,7 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgekit_runtime.errors import InvalidInputError
 
@@ -36,15 +39,19 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "MAX_WINDOW",
     "SCHEMA",
+    "Ack",
     "Artifact",
     "Chunk",
     "ChunkRequest",
     "Desired",
     "DesiredModel",
+    "DeviceStats",
     "Presence",
     "ProtocolError",
     "Reported",
     "ReportedModel",
+    "Telemetry",
+    "TelemetryModel",
     "Topics",
     "check_device_id",
     "check_prefix",
@@ -124,6 +131,14 @@ class Topics:
     @property
     def chunks_data(self) -> str:
         return f"{self.base}/chunks/data"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    @property
+    def acks(self) -> str:
+        return f"{self.base}/acks"
 
 
 class _Message(BaseModel):
@@ -206,6 +221,102 @@ class ChunkRequest(_Message):
     artifact: str = Field(pattern=r"^[0-9a-f]{64}$")
     chunk_size: int = Field(ge=MIN_CHUNK, le=MAX_CHUNK)
     chunks: list[int] = Field(min_length=1, max_length=MAX_WINDOW)
+
+
+#: Sequence numbers one Ack may name.
+MAX_ACK = 1000
+_KIND_NAME = r"^[a-z_]{1,32}$"
+
+
+class OutputSummary(BaseModel):
+    """A model version's outputs in the interval (livestats.py): a class histogram, or per-output
+    numeric figures (count, mean, std, min, max, quantiles)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: str = Field(pattern="^(classes|numeric)$")
+    requests: int = Field(ge=0)
+    classes: dict[str, int] | None = Field(default=None, max_length=4096)
+    outputs: dict[str, dict[str, Any]] | None = Field(default=None, max_length=64)
+
+
+class TelemetryModel(BaseModel):
+    """One model version's figures over one interval (livestats.Window.take)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=128)
+    version: int = Field(ge=1)
+    interval_start: float
+    interval_end: float
+    requests: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    errors_by_kind: dict[str, int] = Field(default_factory=dict, max_length=16)
+    rejected: int = Field(ge=0)
+    p50_ms: float | None = Field(default=None, ge=0)
+    p95_ms: float | None = Field(default=None, ge=0)
+    p99_ms: float | None = Field(default=None, ge=0)
+    rows: int = Field(default=0, ge=0)
+    rows_per_s: float = Field(default=0.0, ge=0)
+    batch_sizes: dict[str, int] = Field(default_factory=dict, max_length=1100)
+    queue_depth: int = Field(default=0, ge=0)
+    outputs: OutputSummary | None = None
+    feedback: dict[str, Any] | None = Field(
+        default=None, description="live accuracy from ground-truth feedback (count, correct, accuracy or mae)"
+    )
+
+
+class DeviceError(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    message: str = Field(max_length=1000)
+    count: int = Field(ge=1)
+    last: float
+
+
+class DeviceStats(BaseModel):
+    """The device's own figures over one interval; a field the OS does not show is null."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    interval_start: float
+    interval_end: float
+    cpu_percent: float | None = None
+    memory_used_bytes: int | None = None
+    memory_total_bytes: int | None = None
+    process_rss_bytes: int | None = None
+    disk_free_bytes: int | None = None
+    disk_total_bytes: int | None = None
+    temperature_c: float | None = None
+    uptime_s: float | None = None
+    runtime_version: str = ""
+    agent_state: str = ""
+    errors: list[DeviceError] = Field(default_factory=list, max_length=20)
+    queue: dict[str, int] = Field(
+        default_factory=dict, description="the telemetry queue: messages and bytes held, dropped so far"
+    )
+
+
+class Telemetry(_Message):
+    """One telemetry message: ``kind`` "model" carries ``model``, "device" carries ``device``."""
+
+    seq: int = Field(ge=1, description="per device, grows by one per message, kept across restarts")
+    kind: str = Field(pattern="^(model|device)$")
+    model: TelemetryModel | None = None
+    device: DeviceStats | None = None
+
+    @model_validator(mode="after")
+    def _one_body(self) -> Telemetry:
+        if (self.kind == "model") != (self.model is not None) or (self.kind == "device") != (self.device is not None):
+            msg = f"a {self.kind!r} telemetry message carries exactly the {self.kind!r} field"
+            raise ValueError(msg)
+        return self
+
+
+class Ack(_Message):
+    """The hub stored these sequence numbers of the device's telemetry (or had stored them before)."""
+
+    seqs: list[int] = Field(min_length=1, max_length=MAX_ACK)
 
 
 @dataclass(frozen=True)

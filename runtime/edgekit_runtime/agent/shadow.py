@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgekit_runtime.batching import Outputs
+from edgekit_runtime.livestats import looks_like_scores
 from edgekit_runtime.model import TOP_K_INDICES, LoadedModel
 from edgekit_runtime.runtime import Runtime
 
@@ -43,16 +44,6 @@ SHARE = 4
 QUEUE = 8
 #: How much nicer than the serving process the shadow thread runs (Linux: niceness is per thread).
 NICE = 10
-_PROB_TOL = 1e-3
-
-
-def _looks_like_scores(a: np.ndarray) -> bool:
-    if a.dtype.kind != "f" or a.ndim < 2 or a.shape[-1] < 2 or a.size == 0:
-        return False
-    x = np.asarray(a, dtype=np.float64)
-    if not np.all(np.isfinite(x)) or x.min() < -_PROB_TOL or x.max() > 1 + _PROB_TOL:
-        return False
-    return bool(np.all(np.abs(x.sum(axis=-1) - 1.0) <= _PROB_TOL))
 
 
 def _tops(served: Outputs, got: Outputs, first: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -61,7 +52,7 @@ def _tops(served: Outputs, got: Outputs, first: str) -> tuple[np.ndarray, np.nda
     if ref is not None and TOP_K_INDICES in got:
         return np.asarray(ref)[..., 0], np.asarray(got[TOP_K_INDICES])[..., 0]
     a, b = np.asarray(served[first]), np.asarray(got.get(first, np.empty(0)))
-    if _looks_like_scores(a) and a.shape == b.shape:
+    if looks_like_scores(a) and a.shape == b.shape:
         return a.argmax(axis=-1), b.argmax(axis=-1)
     return None
 

@@ -1,0 +1,449 @@
+"""The hub's telemetry side: devices' messages ingested into the store exactly once, acknowledged by
+sequence number after they are committed, and read back for `edgekit fleet`, the exports and the
+dashboard.
+
+Ingestion (``Ingestor``): one MQTT client subscribed to ``P/devices/+/telemetry`` (or, for several
+worker processes on one database, the shared subscription ``$share/GROUP/P/devices/+/telemetry``:
+the broker hands each message to one worker of the group). paho's callback only enqueues; one
+thread takes up to BATCH messages at a time, checks them (a bad one is counted by reason and
+dropped, never a crash), inserts them in one transaction with ON CONFLICT DO NOTHING on (device,
+seq), updates the newest row per device and model, commits, and then publishes one Ack per device
+naming every sequence number of the batch that is now stored, new or duplicate. A device forgets
+a message only on that Ack, so what the broker drops (a hub down longer than the broker's queue
+holds) is sent again, and the key makes the second copy harmless: stored exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import re
+import secrets
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+
+from edgekit.hub import schema
+from edgekit.hub.store import Store
+from edgekit_runtime.agent.link import BrokerAddress, Link
+from edgekit_runtime.agent.protocol import (
+    MAX_ACK,
+    Ack,
+    ProtocolError,
+    Telemetry,
+    check_device_id,
+    check_prefix,
+    decode,
+    encode,
+)
+from edgekit_runtime.errors import InvalidInputError
+
+__all__ = ["BATCH", "IngestStats", "Ingestor", "telemetry_row"]
+
+log = logging.getLogger("edgekit.hub")
+
+#: Messages taken into one transaction at most.
+BATCH = 2000
+#: Messages waiting for the ingestion thread at most; past it paho's thread waits (TCP backpressure).
+QUEUE = 50_000
+
+
+@dataclass
+class IngestStats:
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    bad: Counter[str] = field(default_factory=Counter)
+    acks_sent: int = 0
+    transactions: int = 0
+    failures: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "stored": self.stored,
+            "duplicates": self.duplicates,
+            "bad": dict(self.bad),
+            "acks_sent": self.acks_sent,
+            "transactions": self.transactions,
+            "failures": self.failures,
+        }
+
+
+_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_group(group: str) -> str:
+    """A shared subscription's name: a topic level, no wildcards."""
+    if not _GROUP.match(group):
+        msg = f"group {group!r}: give 1-64 letters, digits or ._- (a topic level), e.g. edgekit-ingest"
+        raise InvalidInputError(msg)
+    return group
+
+
+def _bad_reason(message: str) -> str:
+    if "over the" in message and "limit" in message:
+        return "too_big"
+    if "not JSON" in message or "JSON object" in message:
+        return "not_json"
+    if "newer than" in message:
+        return "newer_schema"
+    return "invalid"
+
+
+def telemetry_row(device: str, msg: Telemetry, received_at: float, body: dict[str, Any]) -> dict[str, Any]:
+    """The ``telemetry`` table's row of one checked message."""
+    if msg.model is not None:
+        m = msg.model
+        return {
+            "device_id": device,
+            "seq": msg.seq,
+            "kind": "model",
+            "model": m.model,
+            "version": m.version,
+            "interval_start": m.interval_start,
+            "interval_end": m.interval_end,
+            "requests": m.requests,
+            "errors": m.errors,
+            "rejected": m.rejected,
+            "p50_ms": m.p50_ms,
+            "p95_ms": m.p95_ms,
+            "p99_ms": m.p99_ms,
+            "rows_per_s": m.rows_per_s,
+            "received_at": received_at,
+            "body": body,
+        }
+    d = msg.device
+    assert d is not None  # the message's validator: kind "device" carries it
+    return {
+        "device_id": device,
+        "seq": msg.seq,
+        "kind": "device",
+        "model": "",
+        "version": None,
+        "interval_start": d.interval_start,
+        "interval_end": d.interval_end,
+        "requests": 0,
+        "errors": 0,
+        "rejected": 0,
+        "p50_ms": None,
+        "p95_ms": None,
+        "p99_ms": None,
+        "rows_per_s": 0.0,
+        "received_at": received_at,
+        "body": body,
+    }
+
+
+def _insert(conn: Connection, table: sa.Table) -> Any:
+    return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+
+
+def store_rows(conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+    """Insert telemetry rows once each; returns the (device, seq) that were new. Updates the newest
+    row per device and model with the new ones."""
+    if not rows:
+        return set()
+    t = schema.telemetry
+    stmt = _insert(conn, t).on_conflict_do_nothing(index_elements=["device_id", "seq"])
+    new = {(r[0], int(r[1])) for r in conn.execute(stmt.returning(t.c.device_id, t.c.seq), rows)}
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        if (r["device_id"], r["seq"]) not in new:
+            continue
+        key = (r["device_id"], r["model"])
+        if key not in newest or newest[key]["seq"] < r["seq"]:
+            newest[key] = r
+    if newest:
+        lt = schema.telemetry_latest
+        cols = ("version", "seq", "interval_start", "interval_end", "requests", "errors", "rejected")
+        latest = [
+            {
+                "device_id": r["device_id"],
+                "model": r["model"],
+                **{c: r[c] for c in cols},
+                "p95_ms": r["p95_ms"],
+                "rows_per_s": r["rows_per_s"],
+                "received_at": r["received_at"],
+                "body": r["body"],
+            }
+            for r in newest.values()
+        ]
+        up = _insert(conn, lt)
+        excluded = up.excluded
+        up = up.on_conflict_do_update(
+            index_elements=["device_id", "model"],
+            set_={c.name: excluded[c.name] for c in lt.columns if c.name not in ("device_id", "model")},
+            where=lt.c.seq < excluded.seq,
+        )
+        conn.execute(up, latest)
+    return new
+
+
+class Ingestor:
+    """Telemetry from MQTT into ``store``. ``group``: join the shared subscription of that name
+    (several ingestion processes on one database); None: a plain subscription."""
+
+    def __init__(
+        self,
+        store: Store,
+        broker: BrokerAddress,
+        *,
+        prefix: str = "edgekit",
+        group: str | None = None,
+        link_options: dict[str, Any] | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.prefix = check_prefix(prefix)
+        self.group = group
+        self.stats = IngestStats()
+        self._queue: queue.Queue[tuple[str, bytes, float]] = queue.Queue(QUEUE)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.link = Link(
+            broker,
+            client_id=client_id or f"edgekit-ingest-{secrets.token_hex(4)}",
+            max_inflight=1000,
+            mqtt5=group is not None,
+            **(link_options or {}),
+        )
+        topic = f"{self.prefix}/devices/+/telemetry"
+        self.link.subscribe(f"$share/{group}/{topic}" if group else topic, self._on_message)
+
+    @property
+    def subscription(self) -> str:
+        topic = f"{self.prefix}/devices/+/telemetry"
+        return f"$share/{self.group}/{topic}" if self.group else topic
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="edgekit-hub-ingest", daemon=True)
+        self._thread.start()
+        self.link.start()
+
+    def stop(self) -> None:
+        """Stop taking messages, store what was taken (and ack it), then stop."""
+        self.link.stop()
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.link.wait_connected(timeout)
+
+    # -- paho's thread ----------------------------------------------------------------------------
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self._queue.put((topic, payload, time.time()))
+
+    # -- the ingestion thread ---------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            items = [first]
+            while len(items) < BATCH:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self.ingest(items)
+            except Exception:  # the database failed: the devices send these again (no ack went out)
+                self.stats.failures += 1
+                log.exception("telemetry: storing %d message(s) failed; the devices will send them again", len(items))
+                time.sleep(0.5)
+
+    def _device_of(self, topic: str) -> str:
+        base = f"{self.prefix}/devices/"
+        if not topic.startswith(base) or not topic.endswith("/telemetry"):
+            raise ProtocolError(f"{topic}: not a telemetry topic")
+        return check_device_id(topic[len(base) : -len("/telemetry")])
+
+    def ingest(self, items: Iterable[tuple[str, bytes, float]]) -> dict[str, list[int]]:
+        """Check, store and acknowledge one batch; returns the sequence numbers acked per device."""
+        rows: list[dict[str, Any]] = []
+        for topic, payload, received_at in items:
+            self.stats.received += 1
+            try:
+                device = self._device_of(topic)
+                msg = decode(Telemetry, payload, topic)
+                body = json.loads(payload)
+            except ProtocolError as e:
+                self.stats.bad[_bad_reason(e.message)] += 1
+                log.warning("ignored a telemetry message: %s", e.message)
+                continue
+            rows.append(telemetry_row(device, msg, received_at, body))
+        if not rows:
+            return {}
+        # the same (device, seq) twice in one batch: one row (the database would refuse the pair)
+        unique = list({(r["device_id"], r["seq"]): r for r in rows}.values())
+        with self.store.begin() as tx:
+            new = store_rows(tx.conn, unique)
+        self.stats.transactions += 1
+        self.stats.stored += len(new)
+        self.stats.duplicates += len(rows) - len(new)
+        acks: dict[str, list[int]] = {}
+        for r in unique:
+            acks.setdefault(r["device_id"], []).append(r["seq"])
+        for device, seqs in acks.items():
+            for i in range(0, len(seqs), MAX_ACK):
+                with contextlib.suppress(ValueError, RuntimeError):
+                    self.link.publish(f"{self.prefix}/devices/{device}/acks", encode(Ack(seqs=seqs[i : i + MAX_ACK])))
+                    self.stats.acks_sent += 1
+        return acks
+
+
+# -- reading --------------------------------------------------------------------------------------
+
+#: The columns of `edgekit telemetry export` and GET /v1/telemetry, in order.
+EXPORT_COLUMNS = (
+    "device",
+    "model",
+    "version",
+    "seq",
+    "interval_start",
+    "interval_end",
+    "requests",
+    "errors",
+    "rejected",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "rows",
+    "rows_per_s",
+    "queue_depth",
+    "errors_by_kind",
+)
+MAX_PAGE = 10_000
+
+
+def _rate(requests: int, start: float, end: float) -> float:
+    return round(requests / (end - start), 3) if end > start else 0.0
+
+
+def fleet_rows(conn: Connection) -> list[dict[str, Any]]:
+    """One row per device and model it runs (a device with none: one row, model None): what
+    `edgekit fleet` shows, from the devices, their reported state and their newest telemetry."""
+    d, dm, lt = schema.devices, schema.device_models, schema.telemetry_latest
+    models: dict[str, dict[str, Any]] = {}
+    for r in conn.execute(sa.select(dm.c.device_id, dm.c.model, dm.c.active_version, dm.c.state)):
+        models.setdefault(r.device_id, {})[r.model] = {"version": r.active_version, "state": r.state}
+    latest: dict[str, dict[str, Any]] = {}
+    for r in conn.execute(sa.select(lt)):
+        latest.setdefault(r.device_id, {})[r.model] = r._mapping
+    out = []
+    for dev in conn.execute(sa.select(d).order_by(d.c.id)):
+        tele = latest.get(dev.id, {})
+        seen = [t for t in (dev.last_seen, *(x["received_at"] for x in tele.values())) if t is not None]
+        base = {
+            "device": dev.id,
+            "labels": dict(dev.labels),
+            "profile": dev.profile,
+            "online": bool(dev.online),
+            "last_seen": max(seen) if seen else None,
+        }
+        names = sorted(set(models.get(dev.id, {})) | {m for m in tele if m})
+        if not names:
+            out.append({**base, "model": None, "version": None, "state": None, "p95_ms": None, "req_per_s": None,
+                        "error_pct": None, "interval_end": None})  # fmt: skip
+        for name in names:
+            rep = models.get(dev.id, {}).get(name, {})
+            t = tele.get(name)
+            row = {**base, "model": name, "version": rep.get("version"), "state": rep.get("state")}
+            if t is None:
+                row.update(p95_ms=None, req_per_s=None, error_pct=None, interval_end=None)
+            else:
+                row.update(
+                    version=row["version"] if row["version"] is not None else t["version"],
+                    telemetry_version=t["version"],
+                    p95_ms=t["p95_ms"],
+                    req_per_s=_rate(t["requests"], t["interval_start"], t["interval_end"]),
+                    error_pct=round(100.0 * t["errors"] / t["requests"], 3) if t["requests"] else 0.0,
+                    interval_end=t["interval_end"],
+                )
+            out.append(row)
+    return out
+
+
+def export_rows(
+    conn: Connection,
+    *,
+    device: str | None = None,
+    since: float | None = None,
+    after: tuple[str, int] | None = None,
+    limit: int = MAX_PAGE,
+) -> list[dict[str, Any]]:
+    """The model telemetry rows in (device, seq) order after ``after``: one per device, model,
+    version and interval, with EXPORT_COLUMNS."""
+    t = schema.telemetry
+    q = sa.select(t).where(t.c.kind == "model").order_by(t.c.device_id, t.c.seq).limit(limit)
+    if device is not None:
+        q = q.where(t.c.device_id == device)
+    if since is not None:
+        q = q.where(t.c.interval_end >= since)
+    if after is not None:
+        q = q.where(sa.tuple_(t.c.device_id, t.c.seq) > sa.tuple_(sa.literal(after[0]), sa.literal(after[1])))
+    rows = []
+    for r in conn.execute(q):
+        body = r.body.get("model", {}) if isinstance(r.body, dict) else {}
+        rows.append(
+            {
+                "device": r.device_id,
+                "model": r.model,
+                "version": r.version,
+                "seq": r.seq,
+                "interval_start": r.interval_start,
+                "interval_end": r.interval_end,
+                "requests": r.requests,
+                "errors": r.errors,
+                "rejected": r.rejected,
+                "p50_ms": r.p50_ms,
+                "p95_ms": r.p95_ms,
+                "p99_ms": r.p99_ms,
+                "rows": int(body.get("rows", 0)),
+                "rows_per_s": r.rows_per_s,
+                "queue_depth": int(body.get("queue_depth", 0)),
+                "errors_by_kind": json.dumps(body.get("errors_by_kind", {}), sort_keys=True, separators=(",", ":")),
+            }
+        )
+    return rows
+
+
+def device_history(conn: Connection, device: str, *, limit: int = 120) -> dict[str, Any]:
+    """A device's newest ``limit`` intervals per model (oldest first) and its newest device message."""
+    t = schema.telemetry
+    q = sa.select(t).where(t.c.device_id == device).order_by(t.c.seq.desc()).limit(limit * 8)
+    per_model: dict[str, list[dict[str, Any]]] = {}
+    device_msg: dict[str, Any] | None = None
+    for r in conn.execute(q):
+        body = r.body if isinstance(r.body, dict) else {}
+        if r.kind == "device":
+            if device_msg is None:
+                device_msg = {"seq": r.seq, "received_at": r.received_at, **body.get("device", {})}
+            continue
+        items = per_model.setdefault(f"{r.model}", [])
+        if len(items) < limit:
+            m = body.get("model", {})
+            items.append({"seq": r.seq, "version": r.version, **{k: m.get(k) for k in (
+                "interval_start", "interval_end", "requests", "errors", "rejected", "p50_ms", "p95_ms", "p99_ms",
+                "rows_per_s", "queue_depth", "errors_by_kind", "batch_sizes", "outputs", "feedback")}})  # fmt: skip
+    return {
+        "device": device,
+        "models": {name: list(reversed(items)) for name, items in sorted(per_model.items())},
+        "latest_device": device_msg,
+    }
