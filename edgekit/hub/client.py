@@ -4,6 +4,7 @@ hub raised (same class, so the same exit code), or a one-line reason the hub cou
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,32 @@ class HubClient:
     def control(self, rollout_id: str, action: str) -> dict[str, Any]:
         result: dict[str, Any] = self._request("POST", f"/v1/rollouts/{_segment(rollout_id)}/{action}")
         return result
+
+    def fleet(self) -> list[dict[str, Any]]:
+        return list(self._request("GET", "/v1/fleet")["devices"])
+
+    def fleet_device(self, device: str, *, limit: int = 120) -> dict[str, Any]:
+        result: dict[str, Any] = self._request("GET", f"/v1/fleet/{_segment(device)}", params={"limit": limit})
+        return result
+
+    def telemetry(
+        self, *, device: str | None = None, since: float | None = None, page: int = 10_000
+    ) -> Iterator[dict[str, Any]]:
+        """Every model telemetry row, page by page, in (device, seq) order."""
+        after: str | None = None
+        while True:
+            params: dict[str, Any] = {"limit": page}
+            if device is not None:
+                params["device"] = device
+            if since is not None:
+                params["since"] = since
+            if after is not None:
+                params["after"] = after
+            body = self._request("GET", "/v1/telemetry", params=params)
+            yield from body["rows"]
+            after = body.get("next")
+            if not after:
+                return
 
 
 def _segment(value: str) -> str:
