@@ -11,9 +11,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from edgekit_runtime import __version__
 from edgekit_runtime.batching import BatcherClosedError, Outputs
-from edgekit_runtime.errors import EdgekitError, NotFoundError
+from edgekit_runtime.errors import EdgekitError, InvalidInputError, NotFoundError
 from edgekit_runtime.model import LoadedModel
 from edgekit_runtime.runtime import Runtime, VersionStatus
 
@@ -46,8 +48,11 @@ class DataPlane:
         """The model version a request addresses; NotFoundError (404) / UnavailableError (503) if none."""
         return self.runtime.get(name, parse_version(version))
 
-    async def infer(self, model: LoadedModel, feeds: dict[str, Any], *, pinned: bool = False) -> Outputs:
-        """Run one request's rows through the model's batcher, timing it (see ``counted`` for the counts)."""
+    async def infer(
+        self, model: LoadedModel, feeds: dict[str, Any], *, pinned: bool = False, request_id: str | None = None
+    ) -> Outputs:
+        """Run one request's rows through the model's batcher, timing it (see ``counted`` for the
+        counts); with ``request_id``, its answer is remembered for ground-truth feedback."""
         m = model.metrics
         start = time.perf_counter()
         try:
@@ -62,6 +67,10 @@ class DataPlane:
             answered = model.metrics
             if answered is not None and answered.window is not None:
                 answered.window.outputs(out)
+                if request_id:
+                    self.metrics.predictions.remember(
+                        model.name, model.version, request_id, out, answered.window.first_output
+                    )
             return out
         finally:
             if m is not None:
@@ -88,6 +97,48 @@ class DataPlane:
                 m.requests.inc()
                 if m.window is not None:
                     m.window.request(status)
+
+    def feedback(self, name: str, items: list[tuple[str, np.ndarray]]) -> dict[str, Any]:
+        """Ground truth for earlier answers by request id: each item's true class per row (integers)
+        or true values. Counts into the answering version's telemetry window (live accuracy, or the
+        mean absolute error); ids not remembered (never seen, already given, or too old) are listed.
+        Every item is checked before any counts: a bad one fails the call and counts nothing."""
+        self.runtime.get(name)  # 404 for an unknown model, 503 when none serves
+        predictions = self.metrics.predictions
+        checked: list[tuple[str, int, int, int | None, float | None]] = []
+        unknown: list[str] = []
+        for request_id, truth in items:
+            seen = predictions.get(name, request_id)
+            if seen is None:
+                unknown.append(request_id)
+                continue
+            version, kind, answer = seen
+            if kind == "classes":
+                labels = truth.reshape(-1)
+                if labels.dtype.kind not in "iu" or labels.size != answer.size:
+                    msg = (
+                        f"feedback for {request_id!r}: give {answer.size} integer class label(s), one per row of "
+                        f"the request, not {labels.size} of type {labels.dtype}"
+                    )
+                    raise InvalidInputError(msg)
+                checked.append((request_id, version, int(answer.size), int(np.count_nonzero(labels == answer)), None))
+            else:
+                if truth.size != answer.size:
+                    shape = list(answer.shape)
+                    msg = f"feedback for {request_id!r}: give {answer.size} true value(s) (the answer's shape {shape})"
+                    raise InvalidInputError(msg)
+                err = float(np.abs(truth.astype(np.float64).reshape(answer.shape) - answer).mean(axis=1).sum())
+                checked.append((request_id, version, int(answer.shape[0]), None, err))
+        rows = 0
+        for request_id, version, n, correct, abs_err in checked:
+            if predictions.pop(name, request_id) is None:
+                unknown.append(request_id)  # another feedback call took it meanwhile
+                continue
+            window = self.metrics.window(name, version)
+            if window is not None:
+                window.feedback(n, correct=correct, abs_err=abs_err)
+            rows += n
+        return {"accepted": len(items) - len(unknown), "rows": rows, "unknown": unknown}
 
     # -- health and status --------------------------------------------------------------------
 

@@ -23,12 +23,13 @@ import math
 import random
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-__all__ = ["RESERVOIR", "Window", "error_kind", "looks_like_scores", "top_classes"]
+__all__ = ["RESERVOIR", "Predictions", "Window", "error_kind", "looks_like_scores", "top_classes"]
 
 #: Values kept per interval for latency percentiles and per output for its quantiles.
 RESERVOIR = 2048
@@ -168,6 +169,10 @@ class Window:
         self.classes: dict[int, int] = {}
         self.numeric_requests = 0
         self.numeric: dict[str, _Numeric] = {}
+        self.feedback_rows = 0
+        self.feedback_correct = 0
+        self.feedback_abs_err = 0.0
+        self.feedback_kind = ""
 
     # -- the request path -----------------------------------------------------------------------
 
@@ -209,6 +214,18 @@ class Window:
         except (TypeError, ValueError):  # an output numpy cannot summarise (strings): not summarised
             return
 
+    def feedback(self, rows: int, *, correct: int | None = None, abs_err: float | None = None) -> None:
+        """Ground truth for ``rows`` earlier answers: how many had the right class, or their summed
+        absolute error (regressions)."""
+        with self._lock:
+            self.feedback_rows += rows
+            if correct is not None:
+                self.feedback_correct += correct
+                self.feedback_kind = self.feedback_kind or "classes"
+            if abs_err is not None:
+                self.feedback_abs_err += abs_err
+                self.feedback_kind = self.feedback_kind or "values"
+
     # -- the telemetry side ---------------------------------------------------------------------
 
     def take(self, now: float | None = None) -> dict[str, Any]:
@@ -219,6 +236,7 @@ class Window:
             lat, rows, batches = self.latencies.values, self.rows, self.batches
             class_requests, classes = self.class_requests, self.classes
             numeric_requests, numeric = self.numeric_requests, self.numeric
+            fb = (self.feedback_kind, self.feedback_rows, self.feedback_correct, self.feedback_abs_err)
             self._reset(now)
         span = max(now - start, 1e-9)
         p50 = p95 = p99 = None
@@ -253,4 +271,58 @@ class Window:
                 "requests": class_requests,
                 "classes": {str(k): v for k, v in sorted(classes.items())},
             }
+        kind, fb_rows, fb_correct, fb_err = fb
+        if fb_rows:
+            if kind == "classes":
+                out["feedback"] = {"rows": fb_rows, "correct": fb_correct, "accuracy": fb_correct / fb_rows}
+            else:
+                out["feedback"] = {"rows": fb_rows, "mae": fb_err / fb_rows}
         return out
+
+
+#: Answers remembered per model for ground-truth feedback, newest kept.
+REMEMBERED = 10_000
+_MAX_ID = 256
+
+
+class Predictions:
+    """What a model answered to requests that carried an id (the v2 ``id``), so that a client can
+    later post the true label or value for it (``POST /v2/models/NAME/feedback``): per id, the
+    version and each row's top class (classifiers) or first-output values. The newest REMEMBERED
+    are kept per model."""
+
+    def __init__(self, keep: int = REMEMBERED) -> None:
+        self.keep = keep
+        self._lock = threading.Lock()
+        self._by_model: dict[str, OrderedDict[str, tuple[int, str, np.ndarray]]] = {}
+
+    def remember(self, model: str, version: int, request_id: str, outputs: Mapping[str, Any], first: str) -> None:
+        if not request_id or len(request_id) > _MAX_ID:
+            return
+        entry: tuple[int, str, np.ndarray]
+        try:
+            tops = top_classes(outputs, first or next(iter(outputs), ""))
+            if tops is not None:
+                entry = (version, "classes", np.asarray(tops, dtype=np.int64).copy())
+            else:
+                value = np.asarray(outputs[first or next(iter(outputs))])
+                if value.dtype.kind not in "fiub":
+                    return
+                entry = (version, "values", value.astype(np.float64).reshape(value.shape[0] if value.ndim else 1, -1))
+        except (TypeError, ValueError, KeyError, StopIteration):
+            return
+        with self._lock:
+            seen = self._by_model.setdefault(model, OrderedDict())
+            seen[request_id] = entry
+            seen.move_to_end(request_id)
+            while len(seen) > self.keep:
+                seen.popitem(last=False)
+
+    def get(self, model: str, request_id: str) -> tuple[int, str, np.ndarray] | None:
+        with self._lock:
+            return self._by_model.get(model, OrderedDict()).get(request_id)
+
+    def pop(self, model: str, request_id: str) -> tuple[int, str, np.ndarray] | None:
+        """The remembered answer to ``request_id`` (forgotten once taken: feedback counts once)."""
+        with self._lock:
+            return self._by_model.get(model, OrderedDict()).pop(request_id, None)

@@ -11,7 +11,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from edgekit_runtime.livestats import Window
+from edgekit_runtime.livestats import Predictions, Window
 
 __all__ = ["CONTENT_TYPE", "Figures", "Metrics", "ModelMetrics"]
 
@@ -139,6 +139,7 @@ class Metrics:
         self.registry.register(self._queue)
         self._windows: dict[tuple[str, int], Window] = {}
         self._windows_lock = Lock()
+        self.predictions = Predictions()  # answers to requests with an id, for ground-truth feedback
 
     def set_queue_source(self, source: QueueSource) -> None:
         self._queue.source = source
@@ -164,6 +165,10 @@ class Metrics:
         """Every model version's telemetry window (livestats.Window), in (model, version) order."""
         with self._windows_lock:
             return [self._windows[k] for k in sorted(self._windows)]
+
+    def window(self, name: str, version: int) -> Window | None:
+        with self._windows_lock:
+            return self._windows.get((name, version))
 
     def drop_window(self, name: str, version: int) -> None:
         """Forget a version's window (it left the runtime and its last interval was sent)."""

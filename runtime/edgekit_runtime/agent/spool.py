@@ -144,7 +144,9 @@ class Spool:
         free = int(self._db.execute("PRAGMA freelist_count").fetchone()[0]) * page
         total = int(self._db.execute("PRAGMA page_count").fetchone()[0]) * page
         if free and (self._count == 0 or free >= _SHRINK_FREE_BYTES or free * 4 >= total):
-            self._db.execute("PRAGMA incremental_vacuum")
+            # one page per step, and a row of no columns per page: Python's execute() steps a
+            # statement without columns once (one page freed); executescript() steps it to the end
+            self._db.executescript("PRAGMA incremental_vacuum;")
             self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- reading --------------------------------------------------------------------------------

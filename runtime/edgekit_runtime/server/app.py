@@ -251,6 +251,9 @@ class App:
         if tail == "ready":
             _method(method, "GET")
             return v2.model_ready(dp, name, version)
+        if tail == "feedback" and version is None:
+            _method(method, "POST")
+            return v2.feedback(dp, name, await body())
         raise _not_found(path)
 
 

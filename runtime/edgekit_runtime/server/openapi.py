@@ -62,6 +62,12 @@ ROUTES: list[tuple[str, str, str, str | None]] = [
         "Open Inference Protocol: inference with one version",
         "infer",
     ),
+    (
+        "post",
+        "/v2/models/{model}/feedback",
+        "edgekit: ground truth (true label or value) for earlier v2 requests by their id; live accuracy in telemetry",
+        "feedback",
+    ),
     ("post", "/v2/repository/index", "Model repository extension: every model version and its state", None),
     ("post", "/v2/repository/models/{model}/load", "Model repository extension: rescan and (re)load a model", None),
     ("get", "/metrics", "Prometheus metrics (text exposition format)", None),
@@ -220,8 +226,24 @@ def _params(path: str, models: list[str], versions: list[str], labels: list[str]
 def _bodies() -> dict[str, dict[str, Any]]:
     predict: dict[str, Any] = {"$ref": "#/components/schemas/PredictRequest"}
     infer: dict[str, Any] = {"$ref": "#/components/schemas/InferRequest"}
+    item: dict[str, Any] = {
+        "type": "object",
+        "required": ["id"],
+        "properties": {
+            "id": {"type": "string", "description": "the id the v2 inference request carried"},
+            "label": {"type": "integer"},
+            "labels": {"type": "array", "items": {"type": "integer"}, "description": "one per row"},
+            "value": {"type": "number"},
+            "values": {"type": "array", "items": {"type": "number"}},
+        },
+        "minProperties": 2,
+        "maxProperties": 2,
+    }
+    feedback = {"anyOf": [item, {"type": "object", "required": ["items"], "properties": {
+        "items": {"type": "array", "items": item, "minItems": 1, "maxItems": 1000}}}]}  # fmt: skip
     return {
         "predict": {"required": True, "content": {"application/json": {"schema": predict}}},
+        "feedback": {"required": True, "content": {"application/json": {"schema": feedback}}},
         "infer": {
             "required": True,
             "description": (

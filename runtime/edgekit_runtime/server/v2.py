@@ -16,6 +16,7 @@ from math import prod
 from typing import Any
 
 import numpy as np
+import orjson
 
 from edgekit_runtime.dataplane import DataPlane
 from edgekit_runtime.errors import InvalidInputError
@@ -272,5 +273,48 @@ async def infer(dp: DataPlane, name: str, version: str | None, body: bytes, head
     lm = dp.model(name, version)
     with dp.counted(lm):
         feeds, doc, selection = decode(body, header_length, lm)
-        outputs = await dp.infer(lm, feeds, pinned=version is not None)
+        request_id = doc.get("id") if isinstance(doc.get("id"), str) else None
+        outputs = await dp.infer(lm, feeds, pinned=version is not None, request_id=request_id)
         return encode(lm, outputs, doc, selection)
+
+
+_MAX_FEEDBACK_ITEMS = 1000
+
+
+def _feedback_item(item: Any, where: str) -> tuple[str, np.ndarray]:
+    if not isinstance(item, dict) or not isinstance(item.get("id"), str) or not item["id"]:
+        msg = f'{where}: give {{"id": "<the inference request\'s id>", "label": 3}} (or "labels", "value", "values")'
+        raise InvalidInputError(msg)
+    given = [k for k in ("label", "labels", "value", "values") if k in item]
+    if len(given) != 1:
+        msg = f"{where}: give exactly one of label, labels, value, values (got {given or 'none'})"
+        raise InvalidInputError(msg)
+    raw = item[given[0]]
+    try:
+        truth = np.asarray(raw)
+    except (TypeError, ValueError):
+        truth = np.asarray(None)
+    ok = truth.dtype.kind in "iu" if given[0].startswith("label") else truth.dtype.kind in "iuf"
+    if not ok or truth.size == 0 or truth.size > 1 << 20:
+        kind = "integers" if given[0].startswith("label") else "numbers"
+        msg = f"{where}: {given[0]} must be {kind} (one per row of the request)"
+        raise InvalidInputError(msg)
+    return item["id"], truth
+
+
+def feedback(dp: DataPlane, name: str, body: bytes) -> Reply:
+    """``POST /v2/models/NAME/feedback``: ground truth for earlier requests by their ``id``."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
+        msg = f"the feedback body is not JSON: {e}"
+        raise InvalidInputError(msg) from None
+    if isinstance(doc, dict) and "items" in doc:
+        items = doc["items"]
+        if not isinstance(items, list) or not 1 <= len(items) <= _MAX_FEEDBACK_ITEMS:
+            msg = f"items must be a list of 1 to {_MAX_FEEDBACK_ITEMS} feedback objects"
+            raise InvalidInputError(msg)
+        parsed = [_feedback_item(it, f"items[{i}]") for i, it in enumerate(items)]
+    else:
+        parsed = [_feedback_item(doc, "the feedback body")]
+    return json_reply(dp.feedback(name, parsed))
