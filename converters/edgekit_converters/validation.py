@@ -18,6 +18,7 @@ from edgekit.profiles import Profile
 from edgekit_converters.calibration import Dataset
 from edgekit_runtime.backends import Backend, load_backend
 from edgekit_runtime.latency import measure
+from edgekit_runtime.livestats import output_summary
 from edgekit_runtime.tensors import Signature, dequantize
 
 GOLDEN_COUNT = 8
@@ -72,9 +73,12 @@ def accuracy(outputs: dict[str, np.ndarray], labels: np.ndarray) -> float | None
     return float(np.mean(np.argmax(first, axis=1) == labels.reshape(-1)) * 100.0)
 
 
-def run_float(backend: Backend, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Run a batch and dequantize integer outputs with their scale and zero point."""
-    raw = backend.run(feeds)
+def run_float(
+    backend: Backend, feeds: dict[str, np.ndarray], raw: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Run a batch (or take its ``raw`` outputs) and dequantize integer outputs with their scale and
+    zero point."""
+    raw = backend.run(feeds) if raw is None else raw
     specs = {s.name: s for s in backend.signature.outputs}
     return {k: np.asarray(dequantize(v, specs[k]), dtype=np.float32) for k, v in raw.items()}
 
@@ -97,7 +101,8 @@ def validate(
     """Metrics of ``model`` on ``data`` against the source's ``reference`` outputs, latency and golden samples."""
     backend = load_backend(fmt, model, profile.runtime)
     try:
-        converted = run_float(backend, data.inputs)
+        raw = backend.run(data.inputs)
+        converted = run_float(backend, data.inputs, raw)
         missing = sorted(set(reference) - set(converted))
         if missing:
             msg = f"the converted model's outputs {sorted(converted)} do not match the source's {sorted(reference)}"
@@ -108,6 +113,11 @@ def validate(
             "trustworthy": not data.synthetic,
             **compare(reference, converted),
         }
+        # what the device will report of its live outputs (raw, as it serves them): the hub's drift
+        # check compares the two (docs/telemetry.md)
+        summary = output_summary(raw, backend.signature.outputs[0].name if backend.signature.outputs else "")
+        if summary is not None:
+            metrics["outputs"] = summary
         if data.labels is not None:
             before = accuracy(reference, data.labels)
             after = accuracy(converted, data.labels)

@@ -140,7 +140,9 @@ def fleet(  # noqa: PLR0917 - click passes every option as an argument
         return
     now = time.time()
     table = Table(title=f"fleet: {len({r['device'] for r in rows})} device(s)")
-    for col in ("device", "labels", "profile", "model", "version", "online", "p95 ms", "req/s", "error %", "last seen"):
+    columns = ("device", "labels", "profile", "model", "version", "online", "p95 ms", "req/s", "error %", "drift",
+               "last seen")  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="right" if col in ("p95 ms", "req/s", "error %") else "left")
     for r in rows:
         table.add_row(
@@ -153,9 +155,13 @@ def fleet(  # noqa: PLR0917 - click passes every option as an argument
             _num(r["p95_ms"], "{:.2f}"),
             _num(r["req_per_s"]),
             _num(r["error_pct"]),
+            "-" if r.get("drift") is None else ("[red]DRIFT[/red]" if r["drift"] else "ok"),
             _ago(r["last_seen"], now),
         )
     console.print(table)
+    for r in rows:
+        for reason in r.get("drift_reasons") or []:
+            console.print(f"[red]drift[/red] {r['device']} {r['model']} v{r['version']}: {reason}", soft_wrap=True)
 
 
 @fleet.command("show")

@@ -175,6 +175,8 @@ telemetry_latest = sa.Table(
     sa.Column("rows_per_s", sa.Float, nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("body", sa.JSON, nullable=False),
+    # the drift check's last verdict on this model version (drift.py): {"drift", "reasons", "figures"}
+    sa.Column("drift", sa.JSON(none_as_null=True), nullable=True),
 )
 
 #: Raw telemetry older than the retention, summed per device, model, version and minute (requests,

@@ -33,6 +33,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from edgekit.hub import schema
+from edgekit.hub.drift import DriftSettings, DriftTracker, Reference, reference_from_manifest
 from edgekit.hub.store import Store
 from edgekit_runtime.agent.link import BrokerAddress, Link
 from edgekit_runtime.agent.protocol import (
@@ -55,6 +56,8 @@ log = logging.getLogger("edgekit.hub")
 BATCH = 2000
 #: Messages waiting for the ingestion thread at most; past it paho's thread waits (TCP backpressure).
 QUEUE = 50_000
+#: Seconds after which a model version without validation figures on the hub is looked up again.
+REF_RETRY_S = 60.0
 
 
 @dataclass
@@ -148,9 +151,11 @@ def _insert(conn: Connection, table: sa.Table) -> Any:
     return (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
 
 
-def store_rows(conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[str, int]]:
+def store_rows(
+    conn: Connection, rows: list[dict[str, Any]], drift: dict[tuple[str, str], dict[str, Any]] | None = None
+) -> set[tuple[str, int]]:
     """Insert telemetry rows once each; returns the (device, seq) that were new. Updates the newest
-    row per device and model with the new ones."""
+    row per device and model with the new ones, and with ``drift``'s verdicts per (device, model)."""
     if not rows:
         return set()
     t = schema.telemetry
@@ -175,16 +180,19 @@ def store_rows(conn: Connection, rows: list[dict[str, Any]]) -> set[tuple[str, i
                 "rows_per_s": r["rows_per_s"],
                 "received_at": r["received_at"],
                 "body": r["body"],
+                "drift": drift.get((r["device_id"], r["model"])) if drift else None,
             }
             for r in newest.values()
         ]
         up = _insert(conn, lt)
         excluded = up.excluded
-        up = up.on_conflict_do_update(
-            index_elements=["device_id", "model"],
-            set_={c.name: excluded[c.name] for c in lt.columns if c.name not in ("device_id", "model")},
-            where=lt.c.seq < excluded.seq,
+        values = {c.name: excluded[c.name] for c in lt.columns if c.name not in ("device_id", "model", "drift")}
+        # no verdict in this batch (too little data): the last one stands, unless the version changed
+        values["drift"] = sa.case(
+            (lt.c.version.is_distinct_from(excluded.version), excluded.drift),
+            else_=sa.func.coalesce(excluded.drift, lt.c.drift),
         )
+        up = up.on_conflict_do_update(index_elements=["device_id", "model"], set_=values, where=lt.c.seq < excluded.seq)
         conn.execute(up, latest)
     return new
 
@@ -202,11 +210,15 @@ class Ingestor:
         group: str | None = None,
         link_options: dict[str, Any] | None = None,
         client_id: str | None = None,
+        drift: DriftSettings | None = None,
     ) -> None:
         self.store = store
         self.prefix = check_prefix(prefix)
         self.group = group
         self.stats = IngestStats()
+        self.drift = DriftTracker(drift)
+        self._profiles: dict[str, str] = {}
+        self._refs: dict[tuple[str, int], tuple[float, dict[str, Reference | None]]] = {}
         self._queue: queue.Queue[tuple[str, bytes, float]] = queue.Queue(QUEUE)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -272,7 +284,44 @@ class Ingestor:
         base = f"{self.prefix}/devices/"
         if not topic.startswith(base) or not topic.endswith("/telemetry"):
             raise ProtocolError(f"{topic}: not a telemetry topic")
-        return check_device_id(topic[len(base) : -len("/telemetry")])
+        try:
+            return check_device_id(topic[len(base) : -len("/telemetry")])
+        except InvalidInputError as e:  # a level '+' matched that is no device id: a bad message, not a failure
+            raise ProtocolError(f"{topic}: {e.message}") from None
+
+    def _reference(self, conn: Connection, device: str, model: str, version: int) -> Reference | None:
+        """The validation figures of ``model`` v``version`` for the device's profile (any profile's
+        when the device's has no bundle); looked up again a minute after a miss (a later push)."""
+        now = time.monotonic()
+        cached = self._refs.get((model, version))
+        if cached is None or (not cached[1] and now - cached[0] > REF_RETRY_S):
+            b = schema.bundles
+            rows = conn.execute(
+                sa.select(b.c.profile, b.c.manifest).where(b.c.name == model, b.c.version == version)
+            ).all()
+            cached = (now, {r.profile: reference_from_manifest(r.manifest or {}) for r in rows})
+            self._refs[(model, version)] = cached
+        refs = cached[1]
+        if not refs:
+            return None
+        if device not in self._profiles:
+            d = schema.devices
+            self._profiles[device] = conn.execute(sa.select(d.c.profile).where(d.c.id == device)).scalar() or ""
+        return refs.get(self._profiles[device]) or next((r for r in refs.values() if r is not None), None)
+
+    def _judge(self, conn: Connection, rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """The drift tracker's verdicts of this batch's model rows (the newest per device and model)."""
+        verdicts: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            if r["kind"] != "model":
+                continue
+            fig = r["body"].get("model", {})
+            verdict = self.drift.judge(
+                r["device_id"], fig, self._reference(conn, r["device_id"], r["model"], r["version"])
+            )
+            if verdict is not None:
+                verdicts[(r["device_id"], r["model"])] = verdict
+        return verdicts
 
     def ingest(self, items: Iterable[tuple[str, bytes, float]]) -> dict[str, list[int]]:
         """Check, store and acknowledge one batch; returns the sequence numbers acked per device."""
@@ -292,8 +341,10 @@ class Ingestor:
             return {}
         # the same (device, seq) twice in one batch: one row (the database would refuse the pair)
         unique = list({(r["device_id"], r["seq"]): r for r in rows}.values())
+        unique.sort(key=lambda r: (r["device_id"], r["seq"]))
         with self.store.begin() as tx:
-            new = store_rows(tx.conn, unique)
+            verdicts = self._judge(tx.conn, unique)
+            new = store_rows(tx.conn, unique, verdicts)
         self.stats.transactions += 1
         self.stats.stored += len(new)
         self.stats.duplicates += len(rows) - len(new)
@@ -360,13 +411,13 @@ def fleet_rows(conn: Connection) -> list[dict[str, Any]]:
         names = sorted(set(models.get(dev.id, {})) | {m for m in tele if m})
         if not names:
             out.append({**base, "model": None, "version": None, "state": None, "p95_ms": None, "req_per_s": None,
-                        "error_pct": None, "interval_end": None})  # fmt: skip
+                        "error_pct": None, "interval_end": None, "drift": None, "drift_reasons": []})  # fmt: skip
         for name in names:
             rep = models.get(dev.id, {}).get(name, {})
             t = tele.get(name)
             row = {**base, "model": name, "version": rep.get("version"), "state": rep.get("state")}
             if t is None:
-                row.update(p95_ms=None, req_per_s=None, error_pct=None, interval_end=None)
+                row.update(p95_ms=None, req_per_s=None, error_pct=None, interval_end=None, drift=None, drift_reasons=[])
             else:
                 row.update(
                     version=row["version"] if row["version"] is not None else t["version"],
@@ -375,6 +426,8 @@ def fleet_rows(conn: Connection) -> list[dict[str, Any]]:
                     req_per_s=_rate(t["requests"], t["interval_start"], t["interval_end"]),
                     error_pct=round(100.0 * t["errors"] / t["requests"], 3) if t["requests"] else 0.0,
                     interval_end=t["interval_end"],
+                    drift=bool(t["drift"]["drift"]) if t["drift"] else None,
+                    drift_reasons=list(t["drift"]["reasons"]) if t["drift"] else [],
                 )
             out.append(row)
     return out

@@ -29,7 +29,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RESERVOIR", "Predictions", "Window", "error_kind", "looks_like_scores", "top_classes"]
+__all__ = [
+    "RESERVOIR",
+    "Predictions",
+    "Window",
+    "error_kind",
+    "looks_like_scores",
+    "output_summary",
+    "top_classes",
+]
 
 #: Values kept per interval for latency percentiles and per output for its quantiles.
 RESERVOIR = 2048
@@ -278,6 +286,18 @@ class Window:
             else:
                 out["feedback"] = {"rows": fb_rows, "mae": fb_err / fb_rows}
         return out
+
+
+def output_summary(outputs: Mapping[str, Any], first: str, *, chunk: int = 256) -> dict[str, Any] | None:
+    """The telemetry ``outputs`` summary of a whole set of answers (rows along the first axis), as
+    the device would report them if it had answered them in chunks of ``chunk`` rows: the converter
+    records it for the validation data, the reference the hub's drift check compares with."""
+    w = Window("", 1, first_output=first)
+    rows = min((np.asarray(v).shape[0] for v in outputs.values() if np.ndim(v)), default=0)
+    for i in range(0, rows, chunk):
+        w.outputs({k: np.asarray(v)[i : i + chunk] for k, v in outputs.items()})
+    summary: dict[str, Any] | None = w.take(0.0).get("outputs")
+    return summary
 
 
 #: Answers remembered per model for ground-truth feedback, newest kept.

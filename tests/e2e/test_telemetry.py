@@ -14,6 +14,7 @@ Every wait is bounded and says what it waited for; no test asserts a duration.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import signal
 import sqlite3
@@ -29,14 +30,34 @@ import numpy as np
 import pytest
 
 from edgekit.hub.telemetry import EXPORT_COLUMNS
+from edgekit_runtime.bundle import read_bundle
+from edgekit_runtime.livestats import output_summary
+from edgekit_runtime.signing import sign_bundle
 from edgekit_runtime.store import install_bundle
-from tests.hub.conftest import HubProcess, edgekit, make_bundle
+from tests.hub.conftest import HubProcess, Keys, edgekit, make_bundle, make_keys
 from tests.mqtt import WAIT, Mosquitto, free_port, wait_until
 
 FEATURES = 64
 X = np.random.default_rng(3).normal(size=(2, FEATURES)).astype(np.float32)
 INTERVAL = "0.5"  # seconds between telemetry messages: several intervals in a few seconds
 LONG = 120.0
+
+
+def with_validation(path: Path, keys: Keys) -> Path:
+    """The bundle with what the converter records of validation (the output summary of 2,000 rows
+    of the inputs it will see, N(0, 1)), signed again."""
+    b = read_bundle(path)
+    x = np.random.default_rng(11).normal(size=(2000, FEATURES)).astype(np.float32)
+    w = np.random.default_rng(1).normal(size=(FEATURES, 10)).astype(np.float32) / 16  # tests/hub onnx_model(1)
+    logits = x @ w
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    validation = {"outputs": output_summary({"probs": probs}, "probs")}
+    manifest = b.manifest.model_copy(update={"validation": validation})
+    b = dataclasses.replace(b, manifest=manifest, manifest_bytes=b"", signature=None)
+    b = dataclasses.replace(b, signature=sign_bundle(b, keys.private))
+    b.write(path)
+    return path
 
 
 class Device:
@@ -70,10 +91,10 @@ class Device:
         except httpx.TransportError:
             return False
 
-    def traffic(self, ok: int, bad: int = 0) -> None:
-        """``ok`` good :predict requests and ``bad`` ones (a wrong shape: 400), counted."""
+    def traffic(self, ok: int, bad: int = 0, x: np.ndarray = X) -> None:
+        """``ok`` good :predict requests of ``x`` and ``bad`` ones (a wrong shape: 400), counted."""
         for _ in range(ok):
-            r = self.http.post("/v1/models/digits:predict", json={"instances": X.tolist()})
+            r = self.http.post("/v1/models/digits:predict", json={"instances": x.tolist()})
             assert r.status_code == 200, r.text
             self.sent_ok += 1
         for _ in range(bad):
@@ -103,13 +124,15 @@ class World:
     def __init__(self, folder: Path, broker_conf: str = "") -> None:
         self.folder = folder
         self.broker = Mosquitto(folder, extra_conf=broker_conf).start()
-        self.bundle = make_bundle(folder / "digits-1.ekb", version=1, seed=1)
+        self.keys = make_keys(folder / "keys")
+        self.bundle = with_validation(make_bundle(folder / "digits-1.ekb", version=1, seed=1), self.keys)
         self.hub: HubProcess | None = None
         self.hub_port = free_port()
         self.devices: list[Device] = []
 
     def start_hub(self) -> HubProcess:
-        self.hub = HubProcess(self.folder / "hub", "--broker", self.broker.url, port=self.hub_port).start()
+        trust = ("--trust-key", str(self.keys.public_path))
+        self.hub = HubProcess(self.folder / "hub", "--broker", self.broker.url, *trust, port=self.hub_port).start()
         return self.hub
 
     def device(self, device_id: str, *extra: str) -> Device:
@@ -329,3 +352,29 @@ def test_the_queue_bound_drops_the_oldest_and_reports_how_many(world: World) -> 
     seqs = [r[0] for r in world.stored("pi-1")]
     # exactly the oldest were dropped: the first stored number is the first one kept
     assert seqs[0] == lost + 1, (seqs[:5], lost)
+
+
+def test_a_device_fed_shifted_inputs_is_flagged_for_drift_with_the_numbers(world: World) -> None:
+    world.start_hub()
+    world.cli("push", str(world.bundle))  # the hub knows the version's validation figures from its manifest
+    d = world.device("pi-1")
+    rng = np.random.default_rng(21)
+
+    def verdict() -> dict[str, Any] | None:
+        row = next((r for r in world.fleet() if r["device"] == "pi-1"), None)
+        return row if row is not None and row["drift"] is not None else None
+
+    # inputs like validation's: judged, not flagged
+    for _ in range(40):
+        d.traffic(ok=1, x=rng.normal(size=(4, FEATURES)).astype(np.float32))
+    row = wait_until(verdict, "a drift verdict on the normal traffic", timeout=LONG)
+    assert row["drift"] is False and row["drift_reasons"] == [], row
+    # the same model fed inputs shifted far from what it was validated on: its class mix changes
+    shift = np.random.default_rng(1).normal(size=(FEATURES, 10)).astype(np.float32)[:, 3] * 8
+    for _ in range(60):
+        d.traffic(ok=1, x=(rng.normal(size=(4, FEATURES)) + shift).astype(np.float32))
+    flagged = wait_until(lambda: (v := verdict()) is not None and v["drift"] and v, "a drift flag", timeout=LONG)
+    (reason,) = flagged["drift_reasons"]
+    assert reason.startswith("class distribution moved: distance ") and "class 3 is" in reason, reason
+    human = world.cli("fleet").stderr
+    assert "DRIFT" in human and "class distribution moved" in human
