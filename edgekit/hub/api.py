@@ -7,13 +7,17 @@ are ``{"error": "...", "kind": "..."}`` with the error's HTTP status, mapped in 
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
 import math
 import os
 import re
+import time
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -22,7 +26,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,13 +38,26 @@ from edgekit.hub.openapi import BUNDLE_NAME_HEADER, document
 from edgekit.hub.registry import Registry, iso_time
 from edgekit.hub.store import BundleRecord, DeviceRecord
 from edgekit.hub.telemetry import MAX_PAGE, Ingestor, device_history, export_rows, fleet_rows
-from edgekit_runtime.errors import EdgekitError, InvalidInputError, PayloadTooLargeError, UnavailableError
+from edgekit_runtime.errors import (
+    EdgekitError,
+    InvalidInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+    UnavailableError,
+)
 
 __all__ = ["PUBLIC_PATHS", "bundle_json", "create_app", "device_json", "error_response"]
 
 log = logging.getLogger("edgekit.hub")
 
-PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json"})
+PUBLIC_PATHS = frozenset({"/healthz", "/openapi.json", "/"})
+#: The dashboard's own files (no data in them: the page asks for the token and calls the API).
+PUBLIC_PREFIX = "/dashboard/"
+_WEB = Path(__file__).parent / "web"
+_ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
+#: Seconds between two looks at the fleet for the live stream, and between keep-alive comments.
+EVENTS_POLL_S = 1.0
+EVENTS_KEEPALIVE_S = 15.0
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 _MAX_JSON_BODY = 64 << 10
 
@@ -105,7 +122,8 @@ class _RequireToken:
         self.token = token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in PUBLIC_PATHS:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIX):
             scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
                 why = "no API token" if not given.strip() else "wrong API token"
@@ -127,6 +145,8 @@ class _Api:
         ingestor: Ingestor | None = None,
     ) -> None:
         self.ingestor = ingestor
+        self._snapshot: tuple[float, str, str] = (0.0, "", "")  # when, fleet JSON, rollouts JSON
+        self._snapshot_lock = asyncio.Lock()
         self.registry = registry
         self.devices = devices
         self.artifacts = artifacts
@@ -251,7 +271,74 @@ class _Api:
         found = await run_in_threadpool(self.devices.get, device_id)  # 404 for an unknown device
         limit = _int_param(request, "limit", 120, 1, 10_000)
         history = await run_in_threadpool(self._read, device_history, device_id, limit=limit)
+        newest = {name: items[-1]["version"] for name, items in history["models"].items() if items}
+        history["validation"] = await run_in_threadpool(self._validation, newest, found.profile)
         return JSONResponse({**device_json(found), "telemetry": history})
+
+    def _validation(self, versions: dict[str, int], profile: str) -> dict[str, Any]:
+        """Per model, the validation output summary of the version a device runs (its profile's bundle
+        when there is one), what the dashboard draws the live outputs against."""
+        out: dict[str, Any] = {}
+        for name, version in versions.items():
+            try:
+                bundles = [b for b in self.registry.bundles(name) if b.version == version]
+            except NotFoundError:  # the model was never pushed here (a device's own store)
+                continue
+            chosen = next((b for b in bundles if b.profile == profile), bundles[0] if bundles else None)
+            summary = (chosen.manifest.get("validation") or {}).get("outputs") if chosen is not None else None
+            if summary:
+                out[name] = summary
+        return out
+
+    # -- the dashboard ----------------------------------------------------------------------------
+
+    async def index(self, request: Request) -> Response:
+        return FileResponse(_WEB / "index.html", media_type="text/html")
+
+    async def asset(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name == "plotly.min.js":
+            return FileResponse(_plotly_js(), media_type="text/javascript")
+        if name not in _ASSETS:
+            msg = f"no dashboard file {name!r}"
+            raise NotFoundError(msg)
+        return FileResponse(_WEB / name, media_type=_ASSETS[name])
+
+    async def _snapshot_now(self) -> tuple[str, str]:
+        """The fleet rows and rollout summaries as JSON, computed at most once per EVENTS_POLL_S for
+        every client of the live stream together."""
+        async with self._snapshot_lock:
+            when, fleet, rollouts = self._snapshot
+            if time.monotonic() - when >= EVENTS_POLL_S:
+                rows = await run_in_threadpool(self._read, fleet_rows)
+                fleet = json.dumps({"devices": rows}, separators=(",", ":"))
+                summaries = await run_in_threadpool(self._fleet.summaries) if self._fleet is not None else None
+                rollouts = json.dumps({"rollouts": summaries}, separators=(",", ":"))
+                self._snapshot = (time.monotonic(), fleet, rollouts)
+            return fleet, rollouts
+
+    async def events(self, request: Request) -> Response:
+        """Server-Sent Events: ``fleet`` (as GET /v1/fleet) and ``rollouts`` (as GET /v1/rollouts,
+        ``null`` without a broker) whenever they change, a keep-alive comment every 15 s."""
+
+        async def stream() -> AsyncIterator[str]:
+            sent_fleet = sent_rollouts = ""
+            quiet_since = time.monotonic()
+            while True:
+                fleet, rollouts = await self._snapshot_now()
+                if fleet != sent_fleet:
+                    yield f"event: fleet\ndata: {fleet}\n\n"
+                    sent_fleet, quiet_since = fleet, time.monotonic()
+                if rollouts != sent_rollouts:
+                    yield f"event: rollouts\ndata: {rollouts}\n\n"
+                    sent_rollouts, quiet_since = rollouts, time.monotonic()
+                if time.monotonic() - quiet_since >= EVENTS_KEEPALIVE_S:
+                    yield ": keep-alive\n\n"
+                    quiet_since = time.monotonic()
+                await asyncio.sleep(EVENTS_POLL_S)
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
     async def telemetry(self, request: Request) -> Response:
         q = request.query_params
@@ -274,6 +361,20 @@ class _Api:
             return JSONResponse({"ingesting": False})
         return JSONResponse({"ingesting": True, "subscription": self.ingestor.subscription,
                              **self.ingestor.stats.as_dict()})  # fmt: skip
+
+
+def _plotly_js() -> Path:
+    """plotly.js as the plotly package ships it: served from the hub, no CDN (closed networks)."""
+    try:
+        import plotly
+    except ImportError:
+        msg = "the dashboard's charts need the plotly package: pip install plotly"
+        raise NotFoundError(msg) from None
+    path = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        msg = f"the plotly package has no {path.name} (plotly {plotly.__version__}); reinstall plotly"
+        raise NotFoundError(msg)
+    return path
 
 
 def _int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -364,6 +465,9 @@ def create_app(
         Route("/v1/fleet/{id}", api.fleet_device, methods=["GET"]),
         Route("/v1/telemetry", api.telemetry, methods=["GET"]),
         Route("/v1/telemetry/stats", api.telemetry_stats, methods=["GET"]),
+        Route("/v1/events", api.events, methods=["GET"]),
+        Route("/", api.index, methods=["GET"]),
+        Route("/dashboard/{name}", api.asset, methods=["GET"]),
     ]
     return Starlette(
         routes=routes,

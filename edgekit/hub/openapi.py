@@ -236,6 +236,28 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             **_UNAUTHORIZED,
         },
     },
+    ("GET", "/v1/events"): {
+        "summary": "Live updates (Server-Sent Events): `fleet` (as GET /v1/fleet) and `rollouts` (as GET "
+        "/v1/rollouts, null without a broker) whenever they change; a keep-alive comment every 15 s",
+        "responses": {
+            "200": {
+                "description": "the event stream",
+                "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            },
+            **_UNAUTHORIZED,
+        },
+    },
+    ("GET", "/"): {
+        "summary": "The dashboard (no token needed to load it: the page asks for it and calls this API)",
+        "security": [],
+        "responses": {"200": {"description": "the page", "content": {"text/html": {"schema": {"type": "string"}}}}},
+    },
+    ("GET", "/dashboard/{name}"): {
+        "summary": "The dashboard's files: app.js, app.css, and plotly.min.js from the plotly package",
+        "security": [],
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}],
+        "responses": {"200": {"description": "the file"}, "404": _error("no such file")},
+    },
     ("GET", "/v1/telemetry/stats"): {
         "summary": "This hub process's telemetry ingestion counters (received, stored, duplicates, bad by reason)",
         "responses": {"200": _json({"type": "object"}, "the counters"), **_UNAUTHORIZED},

@@ -63,7 +63,9 @@ def with_validation(path: Path, keys: Keys) -> Path:
 class Device:
     """`python -m edgekit_runtime serve STORE --broker ... --device-id ID --telemetry-interval ...`."""
 
-    def __init__(self, folder: Path, device_id: str, broker: Mosquitto, bundle: Path, *extra: str) -> None:
+    def __init__(
+        self, folder: Path, device_id: str, broker: Mosquitto, bundle: Path, *extra: str, trust: Path | None = None
+    ) -> None:
         self.id = device_id
         self.store = folder / "store"
         if not self.store.exists():
@@ -74,6 +76,8 @@ class Device:
         self.args = [sys.executable, "-m", "edgekit_runtime", "serve", str(self.store), "--port", str(self.port),
                      "--broker", broker.url, "--device-id", device_id, "--profile", "raspberrypi",
                      "--label", "site=lab", "--telemetry-interval", INTERVAL, *extra]  # fmt: skip
+        if trust is not None:
+            self.args += ["--trust-key", str(trust)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=30)
         self.sent_ok = 0
@@ -136,7 +140,9 @@ class World:
         return self.hub
 
     def device(self, device_id: str, *extra: str) -> Device:
-        d = Device(self.folder / device_id, device_id, self.broker, self.bundle, *extra).start()
+        d = Device(
+            self.folder / device_id, device_id, self.broker, self.bundle, *extra, trust=self.keys.public_path
+        ).start()
         self.devices.append(d)
         return d
 

@@ -88,14 +88,24 @@ def upload(client: ApiClient, path: Path) -> tuple[int, dict]:
     return r.status_code, r.json()
 
 
-def test_every_route_but_health_and_openapi_needs_the_token(registry: Registry, bundle: BundleFactory) -> None:
+def test_every_route_but_health_openapi_and_the_dashboard_files_needs_the_token(
+    registry: Registry, bundle: BundleFactory
+) -> None:
     for token in (None, "wrong"):
         with make_client(registry, token=token) as c:
             for method, path in [*OPERATIONS, ("GET", "/no/such/route")]:
                 concrete = path.replace("{name}", "digits").replace("{version}", "1").replace("{id}", "pi-1")
                 r = c.request(method, concrete)
-                if path in ("/healthz", "/openapi.json"):
+                if path in ("/healthz", "/openapi.json", "/"):
                     assert r.status_code == 200, path
+                    continue
+                if path == "/dashboard/{name}":
+                    assert r.status_code == 404, r.text  # public, and there is no file "digits"
+                    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css"),
+                                       ("plotly.min.js", "text/javascript")):  # fmt: skip
+                        got = c.get(f"/dashboard/{name}")
+                        assert got.status_code == 200 and got.headers["content-type"].startswith(kind), name
+                        assert got.content.strip()
                     continue
                 assert r.status_code == 401, (method, path)
                 assert r.headers["www-authenticate"] == "Bearer"
