@@ -31,6 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from edgekit.hub import schema
 from edgekit.hub.drift import DriftSettings, DriftTracker, Reference, reference_from_manifest
@@ -323,6 +324,23 @@ class Ingestor:
                 verdicts[(r["device_id"], r["model"])] = verdict
         return verdicts
 
+    def _one_by_one(
+        self, rows: list[dict[str, Any]], verdicts: dict[tuple[str, str], dict[str, Any]]
+    ) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
+        new: set[tuple[str, int]] = set()
+        refused: set[tuple[str, int]] = set()
+        for r in rows:
+            key = (r["device_id"], r["seq"])
+            try:
+                with self.store.begin() as tx:
+                    new |= store_rows(tx.conn, [r], verdicts)
+            except DBAPIError as e:
+                refused.add(key)
+                self.stats.bad["unstorable"] += 1
+                reason = str(e.orig).strip().splitlines()[0] if e.orig is not None else type(e).__name__
+                log.warning("telemetry from %s seq %d: the database refused it (%s); dropped", key[0], key[1], reason)
+        return new, refused
+
     def ingest(self, items: Iterable[tuple[str, bytes, float]]) -> dict[str, list[int]]:
         """Check, store and acknowledge one batch; returns the sequence numbers acked per device."""
         rows: list[dict[str, Any]] = []
@@ -330,7 +348,7 @@ class Ingestor:
             self.stats.received += 1
             try:
                 device = self._device_of(topic)
-                msg = decode(Telemetry, payload, topic)
+                msg = decode(Telemetry, payload, topic)  # refuses NaN and Infinity anywhere in it
                 body = json.loads(payload)
             except ProtocolError as e:
                 self.stats.bad[_bad_reason(e.message)] += 1
@@ -342,12 +360,19 @@ class Ingestor:
         # the same (device, seq) twice in one batch: one row (the database would refuse the pair)
         unique = list({(r["device_id"], r["seq"]): r for r in rows}.values())
         unique.sort(key=lambda r: (r["device_id"], r["seq"]))
-        with self.store.begin() as tx:
-            verdicts = self._judge(tx.conn, unique)
-            new = store_rows(tx.conn, unique, verdicts)
+        verdicts: dict[tuple[str, str], dict[str, Any]] = {}
+        refused: set[tuple[str, int]] = set()
+        try:
+            with self.store.begin() as tx:
+                verdicts = self._judge(tx.conn, unique)
+                new = store_rows(tx.conn, unique, verdicts)
+        except DBAPIError:
+            # one row the database refuses must not cost the batch: store them one by one, and drop
+            # what still cannot be stored (counted, and acknowledged so the device stops sending it)
+            new, refused = self._one_by_one(unique, verdicts)
         self.stats.transactions += 1
         self.stats.stored += len(new)
-        self.stats.duplicates += len(rows) - len(new)
+        self.stats.duplicates += len(rows) - len(new) - len(refused)
         acks: dict[str, list[int]] = {}
         for r in unique:
             acks.setdefault(r["device_id"], []).append(r["seq"])

@@ -240,23 +240,28 @@ class OutputSummary(BaseModel):
     outputs: dict[str, dict[str, Any]] | None = Field(default=None, max_length=64)
 
 
+#: Counts and versions fit a 32-bit database column; sequence numbers a 64-bit one.
+INT32 = 2**31 - 1
+INT64 = 2**63 - 1
+
+
 class TelemetryModel(BaseModel):
     """One model version's figures over one interval (livestats.Window.take)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=128)
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=INT32)
     interval_start: float
     interval_end: float
-    requests: int = Field(ge=0)
-    errors: int = Field(ge=0)
+    requests: int = Field(ge=0, le=INT32)
+    errors: int = Field(ge=0, le=INT32)
     errors_by_kind: dict[str, int] = Field(default_factory=dict, max_length=16)
-    rejected: int = Field(ge=0)
+    rejected: int = Field(ge=0, le=INT32)
     p50_ms: float | None = Field(default=None, ge=0)
     p95_ms: float | None = Field(default=None, ge=0)
     p99_ms: float | None = Field(default=None, ge=0)
-    rows: int = Field(default=0, ge=0)
+    rows: int = Field(default=0, ge=0, le=INT64)
     rows_per_s: float = Field(default=0.0, ge=0)
     batch_sizes: dict[str, int] = Field(default_factory=dict, max_length=1100)
     queue_depth: int = Field(default=0, ge=0)
@@ -277,7 +282,7 @@ class DeviceError(BaseModel):
 class DeviceStats(BaseModel):
     """The device's own figures over one interval; a field the OS does not show is null."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     interval_start: float
     interval_end: float
@@ -300,7 +305,7 @@ class DeviceStats(BaseModel):
 class Telemetry(_Message):
     """One telemetry message: ``kind`` "model" carries ``model``, "device" carries ``device``."""
 
-    seq: int = Field(ge=1, description="per device, grows by one per message, kept across restarts")
+    seq: int = Field(ge=1, le=INT64, description="per device, grows by one per message, kept across restarts")
     kind: str = Field(pattern="^(model|device)$")
     model: TelemetryModel | None = None
     device: DeviceStats | None = None
@@ -368,6 +373,12 @@ def decode_chunk(payload: bytes, topic: str = "") -> Chunk:
 M = TypeVar("M", bound=_Message)
 
 
+def _no_constant(name: str) -> Any:
+    """JSON has no NaN or Infinity (Python's json reads them): refused, never stored."""
+    msg = f"{name} is not a JSON number"
+    raise ValueError(msg)
+
+
 def encode(message: _Message) -> bytes:
     return json.dumps(message.model_dump(mode="json", by_alias=True), separators=(",", ":")).encode()
 
@@ -379,7 +390,7 @@ def decode(kind: type[M], payload: bytes, topic: str = "") -> M:
         msg = f"{where}payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
         raise ProtocolError(msg)
     try:
-        raw: Any = json.loads(payload)
+        raw: Any = json.loads(payload, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as e:
         msg = f"{where}payload is not JSON ({e})"
         raise ProtocolError(msg) from None
