@@ -61,6 +61,12 @@ def hub() -> None:
     help="take telemetry through the MQTT 5 shared subscription of this name, beside `edgekit hub ingest "
     "--group NAME` workers (Mosquitto 2; not the embedded broker)",
 )
+@click.option(
+    "--telemetry-retention",
+    default="24h",
+    show_default=True,
+    help="keep raw telemetry this long (30m, 24h, 7d), then only per-minute aggregates",
+)
 @click.option("--max-upload-mb", type=click.FloatRange(min=0, min_open=True), help="refuse bigger pushes")
 @click.option(
     "--log-level",
@@ -83,6 +89,7 @@ def serve(
     db: str | None,
     no_ingest: bool,
     ingest_group: str | None,
+    telemetry_retention: str,
     max_upload_mb: float | None,
     log_level: str,
 ) -> None:
@@ -91,6 +98,7 @@ def serve(
     import logging
 
     from edgekit.hub.embedded_broker import DEFAULT_BROKER_PORT, check_embedded_broker
+    from edgekit.hub.fleet import parse_duration
     from edgekit.hub.server import HubConfig, parse_http, serve
     from edgekit.hub.telemetry import check_group
     from edgekit_runtime.agent.link import parse_broker_url
@@ -120,6 +128,10 @@ def serve(
         if embedded_broker:
             msg = "--ingest-group needs a broker with shared subscriptions (Mosquitto 2); the embedded one has none"
             raise InvalidInputError(msg)
+    retention = parse_duration(telemetry_retention, "--telemetry-retention")
+    if retention < 60:
+        msg = f"--telemetry-retention {telemetry_retention!r}: keep raw telemetry at least a minute (e.g. 30m, 24h)"
+        raise InvalidInputError(msg)
     extra: dict[str, Any] = {} if max_upload_mb is None else {"max_upload_bytes": int(max_upload_mb * 1e6)}
     config = HubConfig(
         data=data,
@@ -134,6 +146,7 @@ def serve(
         log_level=log_level,
         ingest=not no_ingest,
         ingest_group=ingest_group,
+        telemetry_retention_s=retention,
         **extra,
     )
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

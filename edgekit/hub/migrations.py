@@ -54,7 +54,7 @@ def _v2_rollouts(conn: Connection) -> None:
 
 def _v3_telemetry(conn: Connection) -> None:
     """v2 -> v3: the devices' telemetry (raw rows, the newest per device and model, minutes)."""
-    for table in (schema.telemetry, schema.telemetry_latest, schema.telemetry_minutes):
+    for table in (schema.telemetry, schema.telemetry_latest, schema.telemetry_minutes, schema.telemetry_compacted):
         table.create(conn)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "rollouts",
     "schema_version",
     "telemetry",
+    "telemetry_compacted",
     "telemetry_latest",
     "telemetry_minutes",
 ]
@@ -196,4 +197,13 @@ telemetry_minutes = sa.Table(
     sa.Column("p50_ms", sa.Float, nullable=True),
     sa.Column("p95_ms", sa.Float, nullable=True),
     sa.Column("p99_ms", sa.Float, nullable=True),
+)
+
+#: Per device, the highest sequence number whose raw row was folded into telemetry_minutes and
+#: deleted: a copy of such a message arriving again is a duplicate, not a new row. Schema v3.
+telemetry_compacted = sa.Table(
+    "telemetry_compacted",
+    metadata,
+    sa.Column("device_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.BigInteger, nullable=False),
 )

@@ -35,7 +35,7 @@ from edgekit.hub.embedded_broker import start_embedded_broker
 from edgekit.hub.fleet import Fleet
 from edgekit.hub.registry import Registry
 from edgekit.hub.store import Store, database_url
-from edgekit.hub.telemetry import Ingestor
+from edgekit.hub.telemetry import DEFAULT_RETENTION_S, Compactor, Ingestor
 from edgekit_runtime.agent.link import parse_broker_url
 from edgekit_runtime.bundle import fsync_dir, max_bundle_bytes
 from edgekit_runtime.errors import InvalidInputError, UnavailableError
@@ -66,6 +66,7 @@ class HubConfig:
     log_level: str = "warning"
     ingest: bool = True  # store the devices' telemetry in this process (False: `edgekit hub ingest` workers do)
     ingest_group: str | None = None  # join this shared subscription for telemetry ($share/GROUP/...)
+    telemetry_retention_s: float = DEFAULT_RETENTION_S  # raw telemetry kept this long, then minutes
 
 
 def parse_http(value: str) -> tuple[str, int]:
@@ -164,6 +165,7 @@ class Hub:
                 if config.broker and config.ingest
                 else None
             )
+            self.compactor = Compactor(self.store, retention_s=config.telemetry_retention_s)
             swept = self.registry.sweep()
             if swept:
                 log.warning("removed %d file(s) a crash left in %s: %s", len(swept), self.artifacts.root, swept)
@@ -182,6 +184,7 @@ class Hub:
         )
 
     def close(self) -> None:
+        self.compactor.stop()
         if self.ingestor is not None:
             self.ingestor.stop()
         if self.fleet is not None:
@@ -262,6 +265,7 @@ def serve(config: HubConfig, *, announce: Callable[[str], object] = print) -> No
                 announce(f"edgekit hub on http://{shown}:{port} (data {config.data}, database {hub.store.where})")
                 if not config.trusted:
                     log.warning("no --trust-key given: every push will be refused")
+                hub.compactor.start()
                 if hub.fleet is not None and hub.fleet.link is not None:
                     where = f"{hub.fleet.link.broker.host}:{hub.fleet.link.broker.port}"
                     announce(f"edgekit hub: devices through MQTT at {where} (topics {config.mqtt_prefix}/devices/...)")

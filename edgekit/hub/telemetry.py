@@ -324,6 +324,17 @@ class Ingestor:
                 verdicts[(r["device_id"], r["model"])] = verdict
         return verdicts
 
+    def _folded(self, rows: list[dict[str, Any]]) -> dict[str, int]:
+        """The compacted watermark of the batch's devices (none for most: only where a backlog older
+        than the retention arrives)."""
+        devices = sorted({r["device_id"] for r in rows})
+        m = schema.telemetry_compacted
+        with self.store.read() as tx:
+            return {
+                d: int(s)
+                for d, s in tx.conn.execute(sa.select(m.c.device_id, m.c.seq).where(m.c.device_id.in_(devices)))
+            }
+
     def _one_by_one(
         self, rows: list[dict[str, Any]], verdicts: dict[tuple[str, str], dict[str, Any]]
     ) -> tuple[set[tuple[str, int]], set[tuple[str, int]]]:
@@ -360,16 +371,18 @@ class Ingestor:
         # the same (device, seq) twice in one batch: one row (the database would refuse the pair)
         unique = list({(r["device_id"], r["seq"]): r for r in rows}.values())
         unique.sort(key=lambda r: (r["device_id"], r["seq"]))
+        folded = self._folded(unique)  # copies of rows already folded into minutes: duplicates
+        fresh = [r for r in unique if r["seq"] > folded.get(r["device_id"], 0)]
         verdicts: dict[tuple[str, str], dict[str, Any]] = {}
         refused: set[tuple[str, int]] = set()
         try:
             with self.store.begin() as tx:
-                verdicts = self._judge(tx.conn, unique)
-                new = store_rows(tx.conn, unique, verdicts)
+                verdicts = self._judge(tx.conn, fresh)
+                new = store_rows(tx.conn, fresh, verdicts)
         except DBAPIError:
             # one row the database refuses must not cost the batch: store them one by one, and drop
             # what still cannot be stored (counted, and acknowledged so the device stops sending it)
-            new, refused = self._one_by_one(unique, verdicts)
+            new, refused = self._one_by_one(fresh, verdicts)
         self.stats.transactions += 1
         self.stats.stored += len(new)
         self.stats.duplicates += len(rows) - len(new) - len(refused)
@@ -525,3 +538,125 @@ def device_history(conn: Connection, device: str, *, limit: int = 120) -> dict[s
         "models": {name: list(reversed(items)) for name, items in sorted(per_model.items())},
         "latest_device": device_msg,
     }
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+#: Raw rows are kept this long by default (`edgekit hub serve --telemetry-retention`).
+DEFAULT_RETENTION_S = 86400.0
+#: A raw row is folded only once it was received this long ago: a copy still on its way (a device's
+#: resend after 15 s without an ack) then finds its row, not a gap.
+SETTLE_S = 600.0
+#: Rows folded per transaction at most.
+COMPACT_BATCH = 20_000
+
+
+def compact(conn: Connection, *, now: float, retention_s: float, limit: int = COMPACT_BATCH) -> int:
+    """Fold raw rows whose interval ended more than ``retention_s`` ago into per-minute aggregates
+    (telemetry_minutes: requests, errors, rejected and rows summed, the worst p50/p95/p99 of the
+    minute's intervals), delete them, and raise each device's compacted watermark. Device messages
+    past the retention are deleted. Returns how many raw rows went."""
+    t, mins, mark = schema.telemetry, schema.telemetry_minutes, schema.telemetry_compacted
+    cutoff, settled = now - retention_s, now - SETTLE_S
+    rows = conn.execute(
+        sa.select(
+            t.c.device_id,
+            t.c.seq,
+            t.c.kind,
+            t.c.model,
+            t.c.version,
+            t.c.interval_end,
+            t.c.requests,
+            t.c.errors,
+            t.c.rejected,
+            t.c.p50_ms,
+            t.c.p95_ms,
+            t.c.p99_ms,
+            t.c.body,
+        )
+        .where(t.c.interval_end < cutoff, t.c.received_at < settled)
+        .order_by(t.c.device_id, t.c.seq)
+        .limit(limit)
+    ).all()
+    if not rows:
+        return 0
+    agg: dict[tuple[str, str, int, float], dict[str, Any]] = {}
+    top: dict[str, int] = {}
+    for r in rows:
+        top[r.device_id] = max(top.get(r.device_id, 0), int(r.seq))
+        if r.kind != "model":
+            continue
+        minute = float(int(r.interval_end // 60) * 60)
+        a = agg.setdefault((r.device_id, r.model, int(r.version or 0), minute), {
+            "intervals": 0, "requests": 0, "errors": 0, "rejected": 0, "rows": 0,
+            "p50_ms": None, "p95_ms": None, "p99_ms": None})  # fmt: skip
+        a["intervals"] += 1
+        for k in ("requests", "errors", "rejected"):
+            a[k] += int(getattr(r, k))
+        a["rows"] += int((r.body or {}).get("model", {}).get("rows", 0)) if isinstance(r.body, dict) else 0
+        for k in ("p50_ms", "p95_ms", "p99_ms"):
+            v = getattr(r, k)
+            if v is not None and (a[k] is None or v > a[k]):
+                a[k] = v
+    if agg:
+        up = _insert(conn, mins)
+        ex = up.excluded
+        sums = {k: mins.c[k] + ex[k] for k in ("intervals", "requests", "errors", "rejected", "rows")}
+        worst = {k: sa.func.coalesce(sa.case((ex[k] > mins.c[k], ex[k]), else_=mins.c[k]), ex[k], mins.c[k])
+                 for k in ("p50_ms", "p95_ms", "p99_ms")}  # fmt: skip
+        up = up.on_conflict_do_update(
+            index_elements=["device_id", "model", "version", "minute"], set_={**sums, **worst}
+        )
+        conn.execute(up, [{"device_id": d, "model": m, "version": v, "minute": minute, **a}
+                          for (d, m, v, minute), a in agg.items()])  # fmt: skip
+    wm = _insert(conn, mark)
+    wm = wm.on_conflict_do_update(
+        index_elements=["device_id"],
+        set_={"seq": sa.case((wm.excluded.seq > mark.c.seq, wm.excluded.seq), else_=mark.c.seq)},
+    )
+    conn.execute(wm, [{"device_id": d, "seq": s} for d, s in top.items()])
+    for d, s in top.items():
+        conn.execute(t.delete().where(t.c.device_id == d, t.c.seq <= s, t.c.interval_end < cutoff,
+                                      t.c.received_at < settled))  # fmt: skip
+    return len(rows)
+
+
+class Compactor:
+    """Runs ``compact`` every ``every_s`` seconds in a thread of `edgekit hub serve`."""
+
+    def __init__(self, store: Store, *, retention_s: float = DEFAULT_RETENTION_S, every_s: float = 60.0) -> None:
+        self.store = store
+        self.retention_s = retention_s
+        self.every_s = every_s
+        self.folded = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="edgekit-hub-compact", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def run_once(self, now: float | None = None) -> int:
+        total = 0
+        while True:
+            with self.store.begin() as tx:
+                n = compact(tx.conn, now=time.time() if now is None else now, retention_s=self.retention_s)
+            total += n
+            if n < COMPACT_BATCH:
+                break
+        self.folded += total
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                n = self.run_once()
+                if n:
+                    log.info("telemetry: folded %d raw row(s) older than the retention into minutes", n)
+            except Exception:  # the next round tries again
+                log.exception("telemetry: compacting failed")

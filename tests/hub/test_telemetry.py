@@ -28,7 +28,7 @@ import sqlalchemy as sa
 
 from edgekit.hub import schema
 from edgekit.hub.store import Store, database_url
-from edgekit.hub.telemetry import Ingestor, device_history, export_rows, fleet_rows
+from edgekit.hub.telemetry import Ingestor, compact, device_history, export_rows, fleet_rows
 from edgekit_runtime.agent.link import BrokerAddress
 from edgekit_runtime.agent.protocol import SCHEMA, Ack, Telemetry, decode
 from edgekit_runtime.livestats import Window
@@ -449,3 +449,52 @@ def test_telemetry_payloads_from_a_real_window_pass_the_protocol() -> None:
     assert (msg.model.requests, msg.model.errors, msg.model.rejected) == (5, 2, 0)
     assert msg.model.errors_by_kind == {"invalid_input": 2}
     assert msg.model.p50_ms == pytest.approx(3.0)
+
+
+# -- retention ------------------------------------------------------------------------------------
+
+
+def test_raw_rows_past_the_retention_fold_into_minutes_and_their_copies_stay_duplicates(
+    store: Store, ingestor: IngestorFactory
+) -> None:
+    ing = ingestor(store)
+    now = 1_000_000.0
+    day = 86400.0
+    old_end = now - 2 * day  # past a day's retention, in one minute: [old_end - 30 s, old_end + 30 s)
+    minute = float(int(old_end // 60) * 60)
+    items = [
+        (topic("pi-1"), model_msg(1, 10, 1, end=minute + 10), now - day),
+        (topic("pi-1"), model_msg(2, 20, 0, end=minute + 20), now - day),
+        (topic("pi-1"), model_msg(3, 5, 5, end=minute + 70), now - day),  # the next minute
+        (topic("pi-1"), device_msg(4), now - day),
+        (topic("pi-1"), model_msg(5, 7, 0, end=now - 60), now - 60),  # recent: kept raw
+        (topic("pi-2"), model_msg(1, 3, 0, end=minute + 5), now - 300),  # old, but received 5 min ago
+    ]
+    ing.ingest(items)
+    with store.begin() as tx:
+        folded = compact(tx.conn, now=now, retention_s=day)
+    assert folded == 4  # pi-1's seq 1-4; pi-2's row is not settled yet (a copy may still be in flight)
+    with store.read() as tx:
+        mins = {(r.device_id, r.minute): r for r in tx.conn.execute(sa.select(schema.telemetry_minutes))}
+        marks = dict(
+            tx.conn.execute(sa.select(schema.telemetry_compacted.c.device_id, schema.telemetry_compacted.c.seq)).all()
+        )
+    assert set(mins) == {("pi-1", minute), ("pi-1", minute + 60)}
+    first = mins["pi-1", minute]
+    assert (first.intervals, first.requests, first.errors, first.rows) == (2, 30, 1, 30)
+    assert first.p95_ms == max(
+        json.loads(model_msg(s, r, e))["model"]["p95_ms"] for s, r, e in ((1, 10, 1), (2, 20, 0))
+    )
+    assert (mins["pi-1", minute + 60].requests, mins["pi-1", minute + 60].errors) == (5, 5)
+    assert marks == {"pi-1": 4}
+    assert [(r.device_id, r.seq) for r in rows_of(store)] == [("pi-1", 5), ("pi-2", 1)]
+
+    # a copy of a folded message (a device that never got its ack) is a duplicate, acknowledged again
+    before = ing.stats.duplicates
+    acked = ing.ingest([(topic("pi-1"), model_msg(2, 20, 0, end=minute + 20), now)])
+    assert acked == {"pi-1": [2]} and ing.stats.duplicates == before + 1
+    assert [(r.device_id, r.seq) for r in rows_of(store)] == [("pi-1", 5), ("pi-2", 1)]
+    with store.read() as tx:
+        again = tx.conn.execute(sa.select(schema.telemetry_minutes.c.requests).where(
+            schema.telemetry_minutes.c.minute == minute)).scalar()  # fmt: skip
+    assert again == 30  # not counted twice
