@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -95,9 +96,17 @@ def database_url(db: str | None, data: Path) -> str:
     return url.render_as_string(hide_password=False)
 
 
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
 def _engine(url: str) -> Engine:
     try:
-        engine = sa.create_engine(url, pool_pre_ping=url.startswith("postgresql"))
+        # JSON columns through orjson (telemetry writes tens of thousands of them a second); it
+        # refuses NaN, as the protocol does
+        engine = sa.create_engine(
+            url, pool_pre_ping=url.startswith("postgresql"), json_serializer=_json_dumps, json_deserializer=orjson.loads
+        )
     except (NoSuchModuleError, ModuleNotFoundError) as e:
         msg = f"a PostgreSQL --db needs the psycopg driver ({e}): pip install 'edgekit-ml[postgresql]'"
         raise MissingDependencyError(msg) from None

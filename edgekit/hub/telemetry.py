@@ -44,7 +44,7 @@ from edgekit_runtime.agent.protocol import (
     Telemetry,
     check_device_id,
     check_prefix,
-    decode,
+    decode_with_raw,
     encode,
 )
 from edgekit_runtime.errors import InvalidInputError
@@ -359,8 +359,7 @@ class Ingestor:
             self.stats.received += 1
             try:
                 device = self._device_of(topic)
-                msg = decode(Telemetry, payload, topic)  # refuses NaN and Infinity anywhere in it
-                body = json.loads(payload)
+                msg, body = decode_with_raw(Telemetry, payload, topic)  # refuses NaN and Infinity anywhere
             except ProtocolError as e:
                 self.stats.bad[_bad_reason(e.message)] += 1
                 log.warning("ignored a telemetry message: %s", e.message)

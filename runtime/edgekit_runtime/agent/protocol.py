@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgekit_runtime.errors import InvalidInputError
@@ -373,24 +374,23 @@ def decode_chunk(payload: bytes, topic: str = "") -> Chunk:
 M = TypeVar("M", bound=_Message)
 
 
-def _no_constant(name: str) -> Any:
-    """JSON has no NaN or Infinity (Python's json reads them): refused, never stored."""
-    msg = f"{name} is not a JSON number"
-    raise ValueError(msg)
-
-
 def encode(message: _Message) -> bytes:
     return json.dumps(message.model_dump(mode="json", by_alias=True), separators=(",", ":")).encode()
 
 
 def decode(kind: type[M], payload: bytes, topic: str = "") -> M:
     """Parse and check one payload; ProtocolError says what is wrong with it."""
+    return decode_with_raw(kind, payload, topic)[0]
+
+
+def decode_with_raw(kind: type[M], payload: bytes, topic: str = "") -> tuple[M, dict[str, Any]]:
+    """``decode``, and the parsed JSON object too (the hub stores it as it came)."""
     where = f"{topic}: " if topic else ""
     if len(payload) > MAX_PAYLOAD_BYTES:
         msg = f"{where}payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
         raise ProtocolError(msg)
     try:
-        raw: Any = json.loads(payload, parse_constant=_no_constant)
+        raw: Any = orjson.loads(payload)  # refuses NaN and Infinity (JSON has neither), unlike json
     except (ValueError, UnicodeDecodeError) as e:
         msg = f"{where}payload is not JSON ({e})"
         raise ProtocolError(msg) from None
@@ -402,7 +402,7 @@ def decode(kind: type[M], payload: bytes, topic: str = "") -> M:
         msg = f"{where}schema {schema} is newer than this side's ({SCHEMA}); upgrade edgekit"
         raise ProtocolError(msg)
     try:
-        return kind.model_validate(raw)
+        return kind.model_validate(raw), raw
     except ValidationError as e:
         first = e.errors()[0]
         at = ".".join(str(p) for p in first["loc"]) or "(root)"
