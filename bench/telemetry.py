@@ -49,8 +49,10 @@ sys.path.insert(0, str(ROOT))
 STEP_S = 15.0
 DRAIN_S = 10.0
 KEEP_UP = 0.95
-#: (devices, Hz per device) steps: 1,000 devices at 1 Hz, then more devices and higher rates.
-STEPS = [(1000, 1.0), (2000, 1.0), (2000, 2.5), (2500, 4.0), (5000, 3.0), (5000, 4.0), (5000, 5.0)]
+#: (devices, messages per second per device) steps: 1,000 devices at 1 Hz, then higher rates (a
+#: device at N Hz sends each second's N messages in one publish, as the agent sends what its queue
+#: holds: an interval's messages of several models, or a backlog), then more devices.
+STEPS = [(1000, 1.0), (1000, 2.0), (1000, 5.0), (1000, 10.0), (1000, 15.0), (2000, 10.0), (2000, 15.0)]
 SMOKE_STEPS = [(50, 2.0)]
 PG_URL = os.environ.get("EDGEKIT_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 GENERATORS = 2
@@ -104,33 +106,40 @@ def generator(args: argparse.Namespace) -> None:
     c.max_queued_messages_set(0)
     c.on_message = on_message
     c.connect("127.0.0.1", args.port, keepalive=60)
-    c.subscribe("edgekit/devices/+/acks", qos=1)
+    c.subscribe([(f"edgekit/devices/{d}/acks", 1) for d in devices])  # its own devices' acks only
     c.loop_start()
     time.sleep(1.0)
-    # one line: ready; then the parent says go on stdin with the seq to start from
+    # one line: ready; then the parent says go on stdin: the first seq, the rate, for how long, and
+    # how many messages each publish carries (a device sends what its queue holds at once)
     print(json.dumps({"ready": True}), flush=True)
     plan = json.loads(sys.stdin.readline())
-    seq0, rate, seconds = int(plan["seq"]), float(plan["rate"]), float(plan["seconds"])
-    total = int(rate * seconds)
+    seq0, rate, seconds, per = int(plan["seq"]), float(plan["rate"]), float(plan["seconds"]), int(plan["per"])
+    publishes = int(rate * seconds / per)
+    pub_rate = rate / per
     start = time.monotonic()
-    sent = 0
+    done = 0
     seq = seq0
-    while sent < total:
-        due = start + sent / rate
+    while done < publishes:
+        due = start + done / pub_rate
         now = time.monotonic()
         if due > now:
             time.sleep(min(due - now, 0.01))
             continue
-        burst = min(total - sent, max(1, int((now - due) * rate) + 1), 500)
+        burst = min(publishes - done, max(1, int((now - due) * pub_rate) + 1), 500)
         for _ in range(burst):
-            i = sent % count
-            if i == 0 and sent:
-                seq += 1
-            c.publish(f"edgekit/devices/{devices[i]}/telemetry", template.replace("{seq}", str(seq), 1), qos=1)
-            sent += 1
+            i = done % count
+            if i == 0 and done:
+                seq += per
+            bodies = [template.replace("{seq}", str(seq + k), 1) for k in range(per)]
+            payload = bodies[0] if per == 1 else '{"schema":1,"batch":[' + ",".join(bodies) + "]}"
+            c.publish(f"edgekit/devices/{devices[i]}/telemetry", payload, qos=1)
+            done += 1
     publish_end = time.monotonic()
-    expected = {(first + i, s) for s in range(seq0, seq + 1) for i in range(count)}
-    expected = {(d, s) for d, s in expected if (s - seq0) * count + (d - first) < sent}
+    sent = done * per
+    expected = set()
+    for j in range(done):
+        d, s0 = first + j % count, seq0 + (j // count) * per
+        expected.update((d, s0 + k) for k in range(per))
     deadline = publish_end + DRAIN_S
     while time.monotonic() < deadline:
         with lock:
@@ -141,8 +150,9 @@ def generator(args: argparse.Namespace) -> None:
         in_step = sum(1 for t in ack_times if t <= publish_end)
         missing = len(expected - acked)
         last = max(ack_times) if ack_times else publish_end
-    print(json.dumps({"sent": sent, "acked_in_step": in_step, "missing": missing, "step_s": publish_end - start,
-                      "drain_s": max(0.0, last - publish_end), "next_seq": seq + 1}), flush=True)  # fmt: skip
+    print(json.dumps({"sent": sent, "publishes": done, "acked_in_step": in_step, "missing": missing,
+                      "step_s": publish_end - start, "drain_s": max(0.0, last - publish_end),
+                      "next_seq": seq + per}), flush=True)  # fmt: skip
     c.loop_stop()
     c.disconnect()
 
@@ -158,8 +168,10 @@ def floor_subscriber(port: int, stop: threading.Event, counted: list[int]) -> No
     def on_message(client: Any, userdata: Any, msg: Any) -> None:
         counted[0] += 1
         device = msg.topic.split("/")[2]
-        seq = json.loads(msg.payload)["seq"]  # the least a consumer must do: parse, then ack
-        client.publish(f"edgekit/devices/{device}/acks", json.dumps({"schema": 1, "seqs": [seq]}), qos=1)
+        doc = json.loads(msg.payload)  # the least a consumer must do: parse, then ack
+        seqs = [m["seq"] for m in doc["batch"]] if "batch" in doc else [doc["seq"]]
+        counted[0] += len(seqs) - 1
+        client.publish(f"edgekit/devices/{device}/acks", json.dumps({"schema": 1, "seqs": seqs}), qos=1)
 
     c.on_message = on_message
     c.max_inflight_messages_set(1000)
@@ -179,6 +191,7 @@ class Step:
     devices: int
     hz: float
     offered: float
+    per_publish: int = 1
     sent: int = 0
     ingest_rate: float = 0.0
     missing: int = 0
@@ -234,9 +247,9 @@ class Gen:
             msg = "a generator did not start"
             raise RuntimeError(msg)
 
-    def go(self, seq: int, rate: float, seconds: float) -> None:
+    def go(self, seq: int, rate: float, seconds: float, per: int) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"seq": seq, "rate": rate, "seconds": seconds}) + "\n")
+        self.proc.stdin.write(json.dumps({"seq": seq, "rate": rate, "seconds": seconds, "per": per}) + "\n")
         self.proc.stdin.flush()
 
     def result(self) -> dict[str, Any]:
@@ -333,16 +346,17 @@ def run_ingest(config: str, steps: list[tuple[int, float]], work: Path, step_s: 
         seq = 1
         for devices, hz in steps:
             offered = devices * hz
+            per = max(1, round(hz))  # messages per publish: what a device produced in a second
             share = [devices // GENERATORS + (1 if i < devices % GENERATORS else 0) for i in range(GENERATORS)]
             gens, first = [], 0
             for n in share:
                 gens.append(Gen(broker.port, first, n))
                 first += n
             for g, n in zip(gens, share, strict=True):
-                g.go(seq, offered * n / devices, step_s)
+                g.go(seq, offered * n / devices, step_s, per)
             outs = [g.result() for g in gens]
             seq = max(o["next_seq"] for o in outs)
-            st = Step(devices, hz, offered)
+            st = Step(devices, hz, offered, per)
             st.sent = sum(o["sent"] for o in outs)
             step_s = max(o["step_s"] for o in outs)
             st.ingest_rate = round(sum(o["acked_in_step"] for o in outs) / step_s, 1)
@@ -351,7 +365,7 @@ def run_ingest(config: str, steps: list[tuple[int, float]], work: Path, step_s: 
             st.kept_up = st.missing == 0 and st.ingest_rate >= KEEP_UP * offered
             res.acked_total += st.sent - st.missing
             res.steps.append(st)
-            print(f"  {config}: {devices} devices x {hz:g} Hz = {offered:,.0f} msg/s offered: "
+            print(f"  {config}: {devices} devices x {hz:g} Hz = {offered:,.0f} msg/s offered ({per} per publish): "
                   f"{st.ingest_rate:,.0f} acked/s in the step, {st.missing} missing after {DRAIN_S:g} s, "
                   f"drained in {st.drain_s} s -> {'kept up' if st.kept_up else 'BEHIND'}", flush=True)  # fmt: skip
             if not st.kept_up:
@@ -486,14 +500,15 @@ def settings_lines(step_s: float) -> list[str]:
 
 
 def print_ingest(results: list[IngestResult]) -> None:
-    print("\n| store, ingestion | sustained msg/s, nothing lost | steps (offered -> acked/s) | hub CPU s (cores) | "
-          "hub peak RSS MB | broker CPU s | machine cores busy | stored = acked | duplicates |")  # fmt: skip
+    print("\n| store, ingestion | sustained msg/s, nothing lost | steps (offered msg/s / per publish -> acked/s) | "
+          "hub CPU s (cores) | hub peak RSS MB | broker CPU s | machine cores busy | stored = acked | "
+          "duplicates |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if r.note:
             print(f"| {r.config} | {r.note} | | | | | | | |")
             continue
-        steps = "; ".join(f"{s.offered:,.0f} -> {s.ingest_rate:,.0f}{'' if s.kept_up else ' (behind)'}"
+        steps = "; ".join(f"{s.offered:,.0f}/{s.per_publish} -> {s.ingest_rate:,.0f}{'' if s.kept_up else ' (behind)'}"
                           for s in r.steps)  # fmt: skip
         floor = r.config == "floor"
         ok = "-" if floor else ("yes" if r.stored == r.acked_total else f"NO ({r.stored} / {r.acked_total})")

@@ -44,7 +44,7 @@ from edgekit_runtime.agent.protocol import (
     Telemetry,
     check_device_id,
     check_prefix,
-    decode_with_raw,
+    decode_telemetry,
     encode,
 )
 from edgekit_runtime.errors import InvalidInputError
@@ -63,7 +63,8 @@ REF_RETRY_S = 60.0
 
 @dataclass
 class IngestStats:
-    received: int = 0
+    publishes: int = 0  # MQTT messages (a batch carries several telemetry messages)
+    received: int = 0  # telemetry messages
     stored: int = 0
     duplicates: int = 0
     bad: Counter[str] = field(default_factory=Counter)
@@ -73,6 +74,7 @@ class IngestStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "publishes": self.publishes,
             "received": self.received,
             "stored": self.stored,
             "duplicates": self.duplicates,
@@ -356,15 +358,22 @@ class Ingestor:
         """Check, store and acknowledge one batch; returns the sequence numbers acked per device."""
         rows: list[dict[str, Any]] = []
         for topic, payload, received_at in items:
-            self.stats.received += 1
+            self.stats.publishes += 1
             try:
                 device = self._device_of(topic)
-                msg, body = decode_with_raw(Telemetry, payload, topic)  # refuses NaN and Infinity anywhere
+                decoded = decode_telemetry(payload, topic)  # one message or a batch; refuses NaN, Infinity
             except ProtocolError as e:
+                self.stats.received += 1
                 self.stats.bad[_bad_reason(e.message)] += 1
                 log.warning("ignored a telemetry message: %s", e.message)
                 continue
-            rows.append(telemetry_row(device, msg, received_at, body))
+            for msg, body in decoded:
+                self.stats.received += 1
+                if isinstance(msg, ProtocolError):
+                    self.stats.bad[_bad_reason(msg.message)] += 1
+                    log.warning("ignored a telemetry message: %s", msg.message)
+                    continue
+                rows.append(telemetry_row(device, msg, received_at, body))
         if not rows:
             return {}
         # the same (device, seq) twice in one batch: one row (the database would refuse the pair)

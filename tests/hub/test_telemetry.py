@@ -385,6 +385,23 @@ def test_a_row_the_database_refuses_is_stored_alone_counted_and_acknowledged(
     assert ing.stats.stored == 2 and ing.stats.bad == {"unstorable": 1} and ing.stats.duplicates == 0
 
 
+def test_a_batch_payload_is_stored_message_by_message_and_a_bad_item_costs_only_itself(
+    store: Store, ingestor: IngestorFactory
+) -> None:
+    ing = ingestor(store)
+    items = [model_msg(1), device_msg(2), b'{"seq": 3, "kind": "model"}', model_msg(4)]
+    batch = b'{"schema":1,"batch":[' + b",".join(items) + b"]}"
+    acked = ing.ingest([(topic("pi-1"), batch, 1.0)])
+    assert acked == {"pi-1": [1, 2, 4]}
+    assert [(r.device_id, r.seq, r.kind) for r in rows_of(store)] == [
+        ("pi-1", 1, "model"), ("pi-1", 2, "device"), ("pi-1", 4, "model")]  # fmt: skip
+    assert (ing.stats.publishes, ing.stats.received, ing.stats.stored) == (1, 4, 3)
+    assert ing.stats.bad == {"invalid": 1}
+    for bad in (b'{"schema":1,"batch":[]}', b'{"schema":1,"batch":{"seq":1}}'):
+        assert ing.ingest([(topic("pi-1"), bad, 1.0)]) == {}
+    assert ing.stats.bad == {"invalid": 3}
+
+
 # -- several workers ------------------------------------------------------------------------------
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "check_prefix",
     "decode",
     "decode_chunk",
+    "decode_telemetry",
     "encode",
     "encode_chunk",
 ]
@@ -317,6 +318,51 @@ class Telemetry(_Message):
             msg = f"a {self.kind!r} telemetry message carries exactly the {self.kind!r} field"
             raise ValueError(msg)
         return self
+
+
+#: Telemetry messages one Batch may carry.
+MAX_BATCH = 1000
+
+
+def decode_telemetry(payload: bytes, topic: str = "") -> list[tuple[Telemetry | ProtocolError, dict[str, Any]]]:
+    """A telemetry payload: one Telemetry message, or a Batch ``{"schema": 1, "batch": [...]}`` of
+    them. Each item is checked on its own (its message, or the ProtocolError saying what is wrong
+    with it, and its JSON); a payload that is not one of the two shapes raises ProtocolError."""
+    where = f"{topic}: " if topic else ""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        msg = f"{where}payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
+        raise ProtocolError(msg)
+    try:
+        raw: Any = orjson.loads(payload)
+    except (ValueError, UnicodeDecodeError) as e:
+        msg = f"{where}payload is not JSON ({e})"
+        raise ProtocolError(msg) from None
+    if not isinstance(raw, dict):
+        msg = f"{where}payload must be a JSON object, not {type(raw).__name__}"
+        raise ProtocolError(msg)
+    items = raw.get("batch") if "batch" in raw else [raw]
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
+        msg = f"{where}batch must be a list of 1 to {MAX_BATCH} telemetry messages"
+        raise ProtocolError(msg)
+    out: list[tuple[Telemetry | ProtocolError, dict[str, Any]]] = []
+    for i, item in enumerate(items):
+        at = f"{where}batch[{i}]: " if "batch" in raw else where
+        if not isinstance(item, dict):
+            out.append((ProtocolError(f"{at}a telemetry message must be a JSON object"), {}))
+            continue
+        schema = item.get("schema", SCHEMA)
+        if isinstance(schema, int) and schema > SCHEMA:
+            out.append(
+                (ProtocolError(f"{at}schema {schema} is newer than this side's ({SCHEMA}); upgrade edgekit"), item)
+            )
+            continue
+        try:
+            out.append((Telemetry.model_validate(item), item))
+        except ValidationError as e:
+            first = e.errors()[0]
+            loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+            out.append((ProtocolError(f"{at}Telemetry payload invalid at {loc!r}: {first['msg']}"), item))
+    return out
 
 
 class Ack(_Message):

@@ -8,6 +8,10 @@ Why not trust the broker: a QoS 1 PUBACK only says the broker has it, and a brok
 silently. So the device keeps every message until the hub itself says it is stored, and sends
 again what stays unacknowledged: the hub de-duplicates by (device, sequence).
 
+Batching: what the sender takes from the queue at once (an interval's messages, or part of a
+backlog) goes as one MQTT message, ``{"schema": 1, "batch": [message, ...]}``, up to BATCH_BYTES;
+the hub acks the sequence numbers as ever.
+
 Pacing: at most ``window`` messages unacknowledged at once and at most ``rate`` per second (a
 token bucket), so a fleet coming back after an outage drains its backlog at a pace the hub sets by
 acknowledging, instead of flooding it. After ``ack_timeout`` without an Ack for the oldest message
@@ -51,6 +55,9 @@ DEFAULT_RATE = 10.0
 #: Messages sent and not yet acknowledged, at most.
 DEFAULT_WINDOW = 20
 DEFAULT_ACK_TIMEOUT = 15.0
+#: One MQTT message carries up to this many bytes of queued telemetry messages (a Batch): a device
+#: sends an interval's messages, or a backlog, in a few publishes instead of one each.
+BATCH_BYTES = 128 << 10
 #: Distinct recent error messages kept for the device message.
 RECENT_ERRORS = 10
 
@@ -154,6 +161,7 @@ class TelemetrySender:
         self.errors = errors or ErrorLog()
         self.spool = Spool(spool_path, max_bytes=max_bytes)
         self.sent = 0
+        self.publishes = 0
         self.acked = 0
         self.bad_acks = 0
         self._acks: queue.Queue[list[int]] = queue.Queue()
@@ -276,12 +284,26 @@ class TelemetrySender:
         room = min(self.window - len(self._inflight), int(self._tokens))
         if room <= 0:
             return
+        batch: list[bytes] = []
+        size = 0
         for seq, body in self.spool.oldest(room, after=self._cursor):
-            self.link.publish(self.topics.telemetry, body, qos=1)
+            if batch and size + len(body) > BATCH_BYTES:
+                self._publish(batch)
+                batch, size = [], 0
+            batch.append(body)
+            size += len(body) + 1
             self._inflight[seq] = now
             self._cursor = seq
             self._tokens -= 1
             self.sent += 1
+        if batch:
+            self._publish(batch)
+
+    def _publish(self, bodies: list[bytes]) -> None:
+        """One MQTT message: a lone telemetry message as it is, several as one Batch."""
+        payload = bodies[0] if len(bodies) == 1 else b'{"schema":1,"batch":[' + b",".join(bodies) + b"]}"
+        self.link.publish(self.topics.telemetry, payload, qos=1)
+        self.publishes += 1
 
 
 def _maker(body: dict[str, Any]) -> Callable[[int], bytes]:
