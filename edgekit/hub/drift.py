@@ -8,8 +8,10 @@ latency, the accuracy), and flags what departs, with the numbers:
   predictions moved class"), over at least ``min_rows`` rows;
 - **output shift** (other models): per output, how far the live mean moved, in validation standard
   deviations, and the ratio of the live to the validation standard deviation;
-- **latency**: the live p95 (request-weighted mean of the intervals' p95) against the manifest's
-  p95 at batch size 1, measured on the converting machine for the device's profile;
+- **latency**: the engine's live p95 per batch (the batch-weighted mean of the intervals'
+  ``engine_p95_ms``: the model's run alone, without queueing, batching waits or HTTP) against the
+  manifest's p95 measured at conversion for the profile, at the measured batch size nearest the
+  live mean batch;
 - **live accuracy**: from ground-truth feedback, against the converted model's validation accuracy.
 
 Several ingestion workers each judge the messages they receive: a random share of a device's
@@ -47,8 +49,15 @@ class Reference:
 
     classes: dict[int, float] | None = None  # class -> share
     numeric: dict[str, tuple[float, float]] = field(default_factory=dict)  # output -> (mean, std)
-    p95_ms: float | None = None
+    p95_ms: dict[int, float] = field(default_factory=dict)  # batch size -> engine p95 at conversion
     accuracy: float | None = None  # percent
+
+    def p95_for(self, rows_per_batch: float) -> tuple[int, float] | None:
+        """The measured (batch size, p95) nearest ``rows_per_batch`` (on a log scale)."""
+        if not self.p95_ms:
+            return None
+        bs = min(self.p95_ms, key=lambda b: abs(math.log(b) - math.log(max(rows_per_batch, 1.0))))
+        return bs, self.p95_ms[bs]
 
 
 def reference_from_manifest(manifest: dict[str, Any]) -> Reference | None:
@@ -70,15 +79,19 @@ def reference_from_manifest(manifest: dict[str, Any]) -> Reference | None:
                 and isinstance(fig.get("std"), int | float)
             ):
                 numeric[name] = (float(fig["mean"]), float(fig["std"]))
-    p95 = validation.get("latency_p95_ms_b1")
+    p95: dict[int, float] = {}
+    for key, value in validation.items():
+        bs = key.removeprefix("latency_p95_ms_b")
+        if key.startswith("latency_p95_ms_b") and bs.isdigit() and isinstance(value, int | float) and value > 0:
+            p95[int(bs)] = float(value)
     acc = validation.get("accuracy_converted")
     ref = Reference(
         classes=classes,
         numeric=numeric,
-        p95_ms=float(p95) if isinstance(p95, int | float) and p95 > 0 else None,
+        p95_ms=p95,
         accuracy=float(acc) if isinstance(acc, int | float) else None,
     )
-    if ref.classes is None and not ref.numeric and ref.p95_ms is None and ref.accuracy is None:
+    if ref.classes is None and not ref.numeric and not ref.p95_ms and ref.accuracy is None:
         return None
     return ref
 
@@ -89,8 +102,9 @@ class _Recent:
     __slots__ = ("items",)
 
     def __init__(self) -> None:
-        # per interval: class counts, numeric (output -> (count, mean, std)), p95, requests, feedback
-        self.items: deque[tuple[dict[int, int], dict[str, tuple[int, float, float]], float | None, int, int, int]]
+        # per interval: class counts, numeric (output -> (count, mean, std)), engine p95, batches,
+        # feedback rows and correct, rows
+        self.items: deque[tuple[dict[int, int], dict[str, tuple[int, float, float]], float | None, int, int, int, int]]
         self.items = deque(maxlen=WINDOW)
 
     def add(self, fig: dict[str, Any]) -> None:
@@ -106,9 +120,10 @@ class _Recent:
                     numeric[name] = (n, float(f.get("mean", 0.0)), float(f.get("std", 0.0)))
         fb = fig.get("feedback") or {}
         rows, correct = (int(fb.get("rows", 0)), int(fb.get("correct", 0))) if "correct" in fb else (0, 0)
-        p95 = fig.get("p95_ms")
-        self.items.append((classes, numeric, None if p95 is None else float(p95), int(fig.get("requests") or 0),
-                           rows, correct))  # fmt: skip
+        p95 = fig.get("engine_p95_ms")
+        batches = sum(int(v) for v in (fig.get("batch_sizes") or {}).values())
+        self.items.append((classes, numeric, None if p95 is None else float(p95), batches, rows, correct,
+                           int(fig.get("rows") or 0)))  # fmt: skip
 
     def classes(self) -> tuple[dict[int, int], int]:
         counts: dict[int, int] = {}
@@ -131,13 +146,15 @@ class _Recent:
             result[name] = (m, math.sqrt(max(0.0, ss / total - m * m)), int(total))
         return result
 
-    def p95(self) -> tuple[float | None, int]:
-        weighted, requests = 0.0, 0
-        for _, _, p, r, *_rest in self.items:
-            if p is not None and r > 0:
-                weighted += p * r
-                requests += r
-        return (weighted / requests if requests else None), requests
+    def p95(self) -> tuple[float | None, int, float]:
+        """(batch-weighted engine p95, batches, mean rows per batch)."""
+        weighted, batches, rows = 0.0, 0, 0
+        for _, _, p, b, _fb, _ok, r in self.items:
+            if p is not None and b > 0:
+                weighted += p * b
+                batches += b
+                rows += r
+        return (weighted / batches if batches else None), batches, (rows / batches if batches else 0.0)
 
     def feedback(self) -> tuple[int, int]:
         return sum(i[4] for i in self.items), sum(i[5] for i in self.items)
@@ -194,15 +211,18 @@ class DriftTracker:
                     f"output {name} shifted: mean {lmean:.4g} against {vmean:.4g} in validation "
                     f"({shift:.1f} std), std {lstd:.4g} against {vstd:.4g} ({ratio:.2f}x) over {n} values"
                 )
-        p95, requests = recent.p95()
-        if ref.p95_ms is not None and p95 is not None and requests >= s.min_requests:
+        p95, batches, per_batch = recent.p95()
+        nearest = ref.p95_for(per_batch)
+        if nearest is not None and p95 is not None and batches >= s.min_requests:
             decided = True
-            figures["p95_ms"] = round(p95, 3)
-            figures["validation_p95_ms"] = ref.p95_ms
-            if p95 > s.latency_factor * ref.p95_ms:
+            bs, ref_p95 = nearest
+            figures["engine_p95_ms"] = round(p95, 4)
+            figures["validation_p95_ms"] = ref_p95
+            if p95 > s.latency_factor * ref_p95:
                 reasons.append(
-                    f"latency: p95 {p95:.2f} ms over {requests} requests against {ref.p95_ms:.2f} ms measured "
-                    f"at conversion ({p95 / ref.p95_ms:.1f}x, threshold {s.latency_factor:g}x)"
+                    f"latency: the engine's p95 {p95:.3g} ms per batch over {batches} batches ({per_batch:.1f} rows "
+                    f"each) against {ref_p95:.3g} ms at batch size {bs} at conversion ({p95 / ref_p95:.1f}x, "
+                    f"threshold {s.latency_factor:g}x)"
                 )
         rows, correct = recent.feedback()
         if ref.accuracy is not None and rows >= s.min_feedback:

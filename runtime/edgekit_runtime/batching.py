@@ -126,6 +126,7 @@ class Batcher:
         *,
         name: str = "model",
         on_batch: Callable[[int, int], None] | None = None,
+        on_engine: Callable[[float], None] | None = None,
     ) -> None:
         if not backends:
             msg = "a batcher needs at least one backend"
@@ -145,6 +146,7 @@ class Batcher:
         self._parts_lock = threading.Lock()
         self._closed = False
         self._on_batch = on_batch
+        self._on_engine = on_engine  # seconds the engine took for each batch that ran
         self._input_names = [s.name for s in backends[0].signature.inputs]
         self._backends = list(backends)
         self._threads = [
@@ -267,13 +269,20 @@ class Batcher:
         padded = rows
         try:
             padded = self._pad_to(rows)
+            start = time.perf_counter()
             out = self._execute(backend, items, rows, padded)
+            engine_s = time.perf_counter() - start
         except Exception as e:  # noqa: BLE001 - any failure fails this batch (logged in _failure), never the worker
             error = self._failure(e, rows)
             self._record(rows, padded)
             self._fail(items, error)
             return
         self._record(rows, padded)
+        if self._on_engine is not None:
+            try:
+                self._on_engine(engine_s)
+            except Exception:  # as for the batch callback: never the worker's life
+                log.exception("the engine-time callback failed")
         try:
             self._deliver(items, out)
         except Exception as e:  # noqa: BLE001 - as above

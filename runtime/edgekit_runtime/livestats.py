@@ -171,6 +171,7 @@ class Window:
         self.requests = 0
         self.errors: dict[str, int] = {}
         self.latencies = _Reservoir(RESERVOIR)
+        self.engine_times = _Reservoir(RESERVOIR)
         self.rows = 0
         self.batches: dict[int, int] = {}
         self.class_requests = 0
@@ -195,6 +196,11 @@ class Window:
     def latency(self, seconds: float) -> None:
         with self._lock:
             self.latencies.add(seconds)
+
+    def engine(self, seconds: float) -> None:
+        """The engine's time for one batch (the batcher's worker), apart from queueing and HTTP."""
+        with self._lock:
+            self.engine_times.add(seconds)
 
     def batch(self, rows: int) -> None:
         with self._lock:
@@ -242,6 +248,7 @@ class Window:
         with self._lock:
             start, requests, errors = self.start, self.requests, self.errors
             lat, rows, batches = self.latencies.values, self.rows, self.batches
+            engine = self.engine_times.values
             class_requests, classes = self.class_requests, self.classes
             numeric_requests, numeric = self.numeric_requests, self.numeric
             fb = (self.feedback_kind, self.feedback_rows, self.feedback_correct, self.feedback_abs_err)
@@ -251,6 +258,9 @@ class Window:
         if lat:
             ms = np.quantile(np.asarray(lat) * 1000.0, (0.5, 0.95, 0.99))
             p50, p95, p99 = (round(float(v), 4) for v in ms)
+        e50 = e95 = None
+        if engine:
+            e50, e95 = (round(float(v), 4) for v in np.quantile(np.asarray(engine) * 1000.0, (0.5, 0.95)))
         out: dict[str, Any] = {
             "model": self.model,
             "version": self.version,
@@ -266,6 +276,8 @@ class Window:
             "rows": rows,
             "rows_per_s": round(rows / span, 3),
             "batch_sizes": {str(k): v for k, v in sorted(batches.items())},
+            "engine_p50_ms": e50,
+            "engine_p95_ms": e95,
         }
         if numeric_requests:
             out["outputs"] = {

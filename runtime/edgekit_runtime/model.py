@@ -143,6 +143,7 @@ class LoadedModel:
             settings.batching,
             name=f"{self.name}-{self.version}",
             on_batch=metrics.on_batch if metrics is not None else None,
+            on_engine=metrics.window.engine if metrics is not None and metrics.window is not None else None,
         )
 
     @classmethod

@@ -263,6 +263,8 @@ class TelemetryModel(BaseModel):
     p50_ms: float | None = Field(default=None, ge=0)
     p95_ms: float | None = Field(default=None, ge=0)
     p99_ms: float | None = Field(default=None, ge=0)
+    engine_p50_ms: float | None = Field(default=None, ge=0, description="the engine's time per batch")
+    engine_p95_ms: float | None = Field(default=None, ge=0)
     rows: int = Field(default=0, ge=0, le=INT64)
     rows_per_s: float = Field(default=0.0, ge=0)
     batch_sizes: dict[str, int] = Field(default_factory=dict, max_length=1100)
