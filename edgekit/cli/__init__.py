@@ -50,9 +50,10 @@ def _register() -> None:
     cli.add_command(bundles.bench)
     for command in serving.COMMANDS:
         cli.add_command(command)
-    from edgekit.cli import fleet, hub, rollouts, watch
+    from edgekit.cli import demo, fleet, hub, rollouts, watch
 
     cli.add_command(hub.hub)
+    cli.add_command(demo.demo)
     for command in (*fleet.COMMANDS, *rollouts.COMMANDS, *watch.COMMANDS):
         cli.add_command(command)
     found: set[str] = set()
