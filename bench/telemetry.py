@@ -52,7 +52,7 @@ KEEP_UP = 0.95
 #: (devices, messages per second per device) steps: 1,000 devices at 1 Hz, then higher rates (a
 #: device at N Hz sends each second's N messages in one publish, as the agent sends what its queue
 #: holds: an interval's messages of several models, or a backlog), then more devices.
-STEPS = [(1000, 1.0), (1000, 2.0), (1000, 5.0), (1000, 10.0), (1000, 15.0), (2000, 10.0), (2000, 15.0)]
+STEPS = [(1000, 1.0), (1000, 2.0), (1000, 5.0), (1000, 8.0), (1000, 10.0), (1000, 15.0), (2000, 10.0), (2000, 15.0)]
 SMOKE_STEPS = [(50, 2.0)]
 PG_URL = os.environ.get("EDGEKIT_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
 GENERATORS = 2
@@ -210,6 +210,7 @@ class IngestResult:
     broker_cpu_s: float = 0.0
     machine_cores: float = 0.0
     stored: int = 0
+    sent_total: int = 0
     acked_total: int = 0
     duplicates_in_store: int = 0
     note: str = ""
@@ -379,9 +380,16 @@ def run_ingest(config: str, steps: list[tuple[int, float]], work: Path, step_s: 
         res.machine_cores = round((machine_busy_s() - busy0) / wall, 2)
         res.hub_peak_rss_mb = round(sum(_peak_rss_mb(p) for r in roots for p in _tree_pids(r)), 1)
         if config != "floor":
-            time.sleep(1.0)
-            rows, distinct = _count_rows(db_url)
+            # what the hub still had queued when a step fell behind is stored too: count once it is idle
+            rows, distinct, last = -1, 0, time.monotonic()
+            while time.monotonic() - last < 120:
+                now_rows, now_distinct = _count_rows(db_url)
+                if now_rows == rows:
+                    break
+                rows, distinct = now_rows, now_distinct
+                time.sleep(2.0)
             res.stored, res.duplicates_in_store = distinct, rows - distinct
+            res.sent_total = sum(st.sent for st in res.steps)
     finally:
         floor_stop.set()
         for p in procs:
@@ -501,7 +509,7 @@ def settings_lines(step_s: float) -> list[str]:
 
 def print_ingest(results: list[IngestResult]) -> None:
     print("\n| store, ingestion | sustained msg/s, nothing lost | steps (offered msg/s / per publish -> acked/s) | "
-          "hub CPU s (cores) | hub peak RSS MB | broker CPU s | machine cores busy | stored = acked | "
+          "hub CPU s (cores) | hub peak RSS MB | broker CPU s | machine cores busy | every message stored once | "
           "duplicates |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -511,7 +519,7 @@ def print_ingest(results: list[IngestResult]) -> None:
         steps = "; ".join(f"{s.offered:,.0f}/{s.per_publish} -> {s.ingest_rate:,.0f}{'' if s.kept_up else ' (behind)'}"
                           for s in r.steps)  # fmt: skip
         floor = r.config == "floor"
-        ok = "-" if floor else ("yes" if r.stored == r.acked_total else f"NO ({r.stored} / {r.acked_total})")
+        ok = "-" if floor else ("yes" if r.stored == r.sent_total else f"NO ({r.stored} / {r.sent_total})")
         dups = "-" if floor else r.duplicates_in_store
         print(f"| {r.config} | {r.sustained:,.0f} | {steps} | {r.hub_cpu_s} ({r.hub_cores}) | {r.hub_peak_rss_mb} | "
               f"{r.broker_cpu_s} | {r.machine_cores} | {ok} | {dups} |")  # fmt: skip
@@ -552,7 +560,7 @@ def main() -> None:
             r = run_ingest("sqlite", SMOKE_STEPS, work, step_s)
             print_ingest([r])
             out["ingest"] = [asdict(r)]
-            ok = r.steps and r.steps[0].kept_up and r.stored == r.acked_total == r.steps[0].sent
+            ok = r.steps and r.steps[0].kept_up and r.stored == r.acked_total == r.sent_total == r.steps[0].sent
             if args.json:
                 args.json.write_text(json.dumps(out, indent=1))
             sys.exit(0 if ok else 1)

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
@@ -161,16 +162,12 @@ def store_rows(
     row per device and model with the new ones, and with ``drift``'s verdicts per (device, model)."""
     if not rows:
         return set()
+    if conn.dialect.name == "postgresql":
+        return _store_rows_pg(conn, rows, drift)
     t = schema.telemetry
     stmt = _insert(conn, t).on_conflict_do_nothing(index_elements=["device_id", "seq"])
     new = {(r[0], int(r[1])) for r in conn.execute(stmt.returning(t.c.device_id, t.c.seq), rows)}
-    newest: dict[tuple[str, str], dict[str, Any]] = {}
-    for r in rows:
-        if (r["device_id"], r["seq"]) not in new:
-            continue
-        key = (r["device_id"], r["model"])
-        if key not in newest or newest[key]["seq"] < r["seq"]:
-            newest[key] = r
+    newest = _newest(rows, new)
     if newest:
         lt = schema.telemetry_latest
         cols = ("version", "seq", "interval_start", "interval_end", "requests", "errors", "rejected")
@@ -197,6 +194,70 @@ def store_rows(
         )
         up = up.on_conflict_do_update(index_elements=["device_id", "model"], set_=values, where=lt.c.seq < excluded.seq)
         conn.execute(up, latest)
+    return new
+
+
+def _newest(rows: list[dict[str, Any]], new: set[tuple[str, int]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Of the rows just stored, the newest per (device, model)."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        if (r["device_id"], r["seq"]) not in new:
+            continue
+        key = (r["device_id"], r["model"])
+        if key not in newest or newest[key]["seq"] < r["seq"]:
+            newest[key] = r
+    return newest
+
+
+_T_COLS = [c.name for c in schema.telemetry.columns]
+_L_COLS = [c.name for c in schema.telemetry_latest.columns]
+_JSON_COLS = {"body", "drift"}
+
+
+def _values(cols: list[str]) -> str:
+    return ", ".join("%s::json" if c in _JSON_COLS else "%s" for c in cols)
+
+
+_PG_INSERT = (
+    f"INSERT INTO telemetry ({', '.join(_T_COLS)}) VALUES ({_values(_T_COLS)}) "  # noqa: S608 - column names only
+    "ON CONFLICT (device_id, seq) DO NOTHING RETURNING device_id, seq"
+)
+_PG_LATEST = (
+    f"INSERT INTO telemetry_latest ({', '.join(_L_COLS)}) VALUES ({_values(_L_COLS)}) "  # noqa: S608 - as above
+    "ON CONFLICT (device_id, model) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in _L_COLS if c not in ("device_id", "model", "drift"))
+    + ", drift = CASE WHEN telemetry_latest.version IS DISTINCT FROM EXCLUDED.version THEN EXCLUDED.drift "
+    "ELSE COALESCE(EXCLUDED.drift, telemetry_latest.drift) END WHERE telemetry_latest.seq < EXCLUDED.seq"
+)
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+def _store_rows_pg(
+    conn: Connection, rows: list[dict[str, Any]], drift: dict[tuple[str, str], dict[str, Any]] | None
+) -> set[tuple[str, int]]:
+    """store_rows on PostgreSQL: psycopg's executemany in pipeline mode with one short statement (the
+    generic path's multi-VALUES statements of thousands of placeholders cost psycopg more to parse
+    than the database to run), in the transaction the caller opened."""
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    params = [tuple(_json_text(r[c]) if c in _JSON_COLS else r[c] for c in _T_COLS) for r in rows]
+    new: set[tuple[str, int]] = set()
+    with raw.cursor() as cur:
+        cur.executemany(_PG_INSERT, params, returning=True)
+        while True:
+            new.update((d, int(s)) for d, s in cur.fetchall())
+            if not cur.nextset():
+                break
+        newest = _newest(rows, new)
+        if newest:
+            latest = []
+            for r in newest.values():
+                row = {**r, "drift": drift.get((r["device_id"], r["model"])) if drift else None}
+                latest.append(tuple(_json_text(row[c]) if c in _JSON_COLS else row[c] for c in _L_COLS))
+            cur.executemany(_PG_LATEST, latest)
     return new
 
 
