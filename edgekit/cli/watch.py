@@ -23,6 +23,8 @@ from edgekit.hub.telemetry import EXPORT_COLUMNS
 __all__ = ["COMMANDS", "fleet", "parse_since", "sparkline", "telemetry"]
 
 _BARS = "▁▂▃▄▅▆▇█"
+#: Past this many rows `edgekit fleet` prints plain aligned columns instead of a rich table.
+PLAIN_ROWS = 200
 
 
 def sparkline(values: list[float | None]) -> str:
@@ -139,26 +141,48 @@ def fleet(  # noqa: PLR0917 - click passes every option as an argument
         console.print("no device matches" if (wanted or model or only_offline) else "no device has registered yet")
         return
     now = time.time()
-    table = Table(title=f"fleet: {len({r['device'] for r in rows})} device(s)")
     columns = ("device", "labels", "profile", "model", "version", "online", "p95 ms", "req/s", "error %", "drift",
                "last seen")  # fmt: skip
-    for col in columns:
-        table.add_column(col, justify="right" if col in ("p95 ms", "req/s", "error %") else "left")
-    for r in rows:
-        table.add_row(
+    right = {"p95 ms", "req/s", "error %"}
+    cells = [
+        (
             r["device"],
             ", ".join(f"{k}={v}" for k, v in sorted(r["labels"].items())),
             r["profile"] or "-",
             r["model"] or "-",
             "-" if r["version"] is None else f"v{r['version']}",
-            "yes" if r["online"] else "[red]no[/red]",
+            "yes" if r["online"] else "no",
             _num(r["p95_ms"], "{:.2f}"),
             _num(r["req_per_s"]),
             _num(r["error_pct"]),
-            "-" if r.get("drift") is None else ("[red]DRIFT[/red]" if r["drift"] else "ok"),
+            "-" if r.get("drift") is None else ("DRIFT" if r["drift"] else "ok"),
             _ago(r["last_seen"], now),
         )
-    console.print(table)
+        for r in rows
+    ]
+    title = f"fleet: {len({r['device'] for r in rows})} device(s)"
+    if len(cells) > PLAIN_ROWS:
+        # rich lays out every cell of a table before printing it (seconds for 10,000 rows): plain
+        # aligned columns instead, as fast as the rows can be written
+        widths = [max(len(col), *(len(c[i]) for c in cells)) for i, col in enumerate(columns)]
+
+        def line(values: tuple[str, ...]) -> str:
+            return "  ".join(
+                v.rjust(w) if col in right else v.ljust(w) for v, w, col in zip(values, widths, columns, strict=True)
+            )
+
+        out = [title, line(columns), *(line(c) for c in cells)]
+        click.echo("\n".join(out), err=True)
+    else:
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col, justify="right" if col in right else "left")
+        for c in cells:
+            styled = list(c)
+            styled[5] = "yes" if c[5] == "yes" else "[red]no[/red]"
+            styled[9] = "[red]DRIFT[/red]" if c[9] == "DRIFT" else c[9]
+            table.add_row(*styled)
+        console.print(table)
     for r in rows:
         for reason in r.get("drift_reasons") or []:
             console.print(f"[red]drift[/red] {r['device']} {r['model']} v{r['version']}: {reason}", soft_wrap=True)
