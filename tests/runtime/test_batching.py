@@ -870,3 +870,14 @@ def test_a_sub_second_timeout_waits_for_company_too(monkeypatch: pytest.MonkeyPa
         np.testing.assert_array_equal(f.result(WAIT)["y"], rows(1, i) * 2)
     assert be.batches == [4]
     b.close()
+
+
+def test_batch_sizes_refuse_allowed_sizes_that_do_not_fit_a_fixed_batch() -> None:
+    with pytest.raises(InvalidInputError, match="multiples of the model's fixed batch 2"):
+        batch_sizes(settings(max_batch_size=8, allowed_batch_sizes=[3, 8]), FakeBackend(fixed=2))
+
+
+def test_an_unnamed_batchers_threads_are_named_model() -> None:
+    b = Batcher([FakeBackend()], settings())
+    assert [t.name for t in b._threads] == ["edgekit-batch-model-0"]
+    b.close()
