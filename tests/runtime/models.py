@@ -140,6 +140,22 @@ def onnx_two_in_two_out() -> bytes:
     return model.SerializeToString()
 
 
+def onnx_identity_of(elem_type: str, dims: list[int | str]) -> bytes:
+    """x -> y = x, both of ONNX element type ``elem_type`` (``"STRING"``, ``"FLOAT"``...) and shape
+    ``dims`` (a name is a dynamic dimension): strings, or a dynamic dimension after the batch one."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    elem = getattr(TensorProto, elem_type)
+    x = helper.make_tensor_value_info("x", elem, dims)
+    y = helper.make_tensor_value_info("y", elem, dims)
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
 def onnx_via_tf2onnx(model: Any, workdir: Path) -> bytes:
     """The SavedModel path of tf2onnx (the one that works on TF >= 2.16)."""
     saved = workdir / "saved"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import types
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from edgekit_runtime import batching
 from edgekit_runtime.backends import Backend
 from edgekit_runtime.batching import Batcher, batch_sizes
 from edgekit_runtime.bundle import BatchingSettings
@@ -538,7 +540,7 @@ def test_close_without_draining_fails_the_queued_callers_and_closes_the_backends
     queued = b.submit({"x": rows(2)}, 2)
     closer = threading.Thread(target=b.close, kwargs={"drain": False})
     closer.start()
-    with pytest.raises(UnavailableError, match="the model was unloaded; retry"):
+    with pytest.raises(UnavailableError, match=r"^the model was unloaded; retry$"):
         queued.result(WAIT)
     assert b.queue_depth == 0
     gate.set()
@@ -659,3 +661,223 @@ def test_an_engine_crash_is_reported_and_logged(caplog: pytest.LogCaptureFixture
         b.close()
     assert e.value.message == "the model failed to run: ValueError: bad weights"
     assert [r.getMessage() for r in caplog.records] == ["batch of 3 rows failed", "the batch callback failed"]
+
+
+# -- the mutation triage (docs/testing.md): cancelled and failed parts, several workers, closing ----
+
+
+def test_a_cancelled_request_between_two_others_does_not_split_their_batch() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings(max_batch_size=8))
+    first = blocked(be, b)
+    a = b.submit({"x": rows(1)}, 1)
+    gone = b.submit({"x": rows(2, 50)}, 2)
+    c = b.submit({"x": rows(1, 10)}, 1)
+    assert gone.cancel()
+    gate.set()
+    np.testing.assert_array_equal(a.result(WAIT)["y"], rows(1) * 2)
+    np.testing.assert_array_equal(c.result(WAIT)["y"], rows(1, 10) * 2)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+    assert be.batches == [1, 2]  # a and c together; the cancelled rows skipped
+
+
+def test_the_rest_of_a_request_whose_first_part_failed_never_runs() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate, fail=lambda x: x.shape[0] == 4)
+    seen: list[tuple[int, int]] = []
+    b = Batcher([be], settings(max_batch_size=4), on_batch=lambda n, padded: seen.append((n, padded)))
+    first = blocked(be, b)
+    doomed = b.submit({"x": rows(6)}, 6)  # 4 rows (they fail), then 2 more
+    after = b.submit({"x": rows(1, 10)}, 1)
+    gate.set()
+    with pytest.raises(BackendError, match=r"^scripted failure$"):
+        doomed.result(WAIT)
+    np.testing.assert_array_equal(after.result(WAIT)["y"], rows(1, 10) * 2)
+    first.result(WAIT)  # type: ignore[attr-defined]
+    b.close()
+    assert be.batches == [1, 4, 1]  # the doomed request's last 2 rows were dropped, not run with `after`
+    assert seen == [(1, 1), (4, 4), (1, 1)]  # a failed batch is counted with its rows too
+    assert b.queue_depth == 0
+
+
+class HookBackend(FakeBackend):
+    """Before a batch of n rows runs, sets ``starts[n]`` and waits for ``hooks[n]``; fails the batches
+    whose size is in ``fail``. Every batch that starts releases ``running`` (shared by the backends)."""
+
+    def __init__(
+        self,
+        hooks: dict[int, threading.Event],
+        fail: set[int],
+        running: threading.Semaphore,
+        starts: dict[int, threading.Event],
+    ) -> None:
+        super().__init__()
+        self.hooks = hooks
+        self.starts = starts
+        self.fail_sizes = fail
+        self.running = running
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = feeds["x"]
+        self.batches.append(x.shape[0])
+        self.running.release()
+        if x.shape[0] in self.starts:
+            self.starts[x.shape[0]].set()
+        hook = self.hooks.get(x.shape[0])
+        if hook is not None:
+            assert hook.wait(WAIT)
+        if x.shape[0] in self.fail_sizes:
+            raise BackendError("scripted failure")
+        return {"y": x * 2}
+
+
+@pytest.mark.parametrize("case", ["tail first", "head fails first", "both fail"])
+def test_the_parts_of_a_request_on_two_workers_in_either_order(case: str) -> None:
+    """A 6-row request over batches of 4: its head (4 rows) on one worker, its tail (2 rows) with the
+    next request (1 row) on the other, finishing in the order ``case`` says."""
+    gate, head_may_run, tail_may_run, tail_started = (threading.Event() for _ in range(4))
+    hooks = {1: gate}  # the two 1-row blockers, one per worker
+    if case == "tail first":
+        hooks[4] = head_may_run
+        fail: set[int] = set()
+    else:  # the head fails once the tail is taken; the tail runs once the request has failed
+        hooks[4] = tail_started
+        hooks[3] = tail_may_run
+        fail = {4} if case == "head fails first" else {4, 3}
+    running = threading.Semaphore(0)
+    starts = {3: tail_started}
+    backends = [HookBackend(hooks, fail, running, starts), HookBackend(hooks, fail, running, starts)]
+    b = Batcher(backends, settings(max_batch_size=4, num_batch_threads=2))
+    blockers = [b.submit({"x": rows(1, 1000)}, 1)]
+    assert running.acquire(timeout=WAIT)
+    blockers.append(b.submit({"x": rows(1, 2000)}, 1))
+    assert running.acquire(timeout=WAIT)  # both workers busy
+    big = b.submit({"x": rows(6)}, 6)
+    small = b.submit({"x": rows(1, 10)}, 1)
+    small.add_done_callback(lambda _: head_may_run.set())
+    big.add_done_callback(lambda _: tail_may_run.set())
+    gate.set()
+    if case == "tail first":
+        np.testing.assert_array_equal(small.result(WAIT)["y"], rows(1, 10) * 2)
+        np.testing.assert_array_equal(big.result(WAIT)["y"], rows(6) * 2)  # reassembled in order
+    else:
+        with pytest.raises(BackendError, match=r"^scripted failure$"):
+            big.result(WAIT)
+        if case == "head fails first":
+            np.testing.assert_array_equal(small.result(WAIT)["y"], rows(1, 10) * 2)
+        else:
+            with pytest.raises(BackendError, match=r"^scripted failure$"):
+                small.result(WAIT)
+    for f in blockers:
+        f.result(WAIT)
+    b.close()
+    assert sorted(n for be in backends for n in be.batches) == [1, 1, 3, 4]
+
+
+def test_callers_on_a_closed_event_loop_cost_the_worker_nothing() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    b = Batcher([be], settings(max_batch_size=8))
+    first = blocked(be, b)
+
+    async def enqueue() -> object:
+        return b.submit_async({"x": rows(1)}, 1)  # not awaited: its loop closes before the answer
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(enqueue())
+    loop.close()
+    gate.set()
+    first.result(WAIT)  # type: ignore[attr-defined]
+    # the worker delivered to a closed loop and lives on
+    np.testing.assert_array_equal(b.submit({"x": rows(2)}, 2).result(WAIT)["y"], rows(2) * 2)
+    b.close()
+    assert be.batches == [1, 1, 2]
+
+
+def test_a_failure_while_handing_out_the_answers_is_reported_with_its_cause() -> None:
+    be = PhaseBackend("split")  # the second half of the split request names its output differently
+    b = Batcher([be], settings(max_batch_size=4))
+    with pytest.raises(BackendError) as e:
+        b.submit({"x": rows(6)}, 6).result(WAIT)
+    assert e.value.message == "the model failed to run: KeyError: 'y'"
+    b.close()
+
+
+def test_an_engine_crash_is_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    crash = OutputBackend(lambda y: (_ for _ in ()).throw(ValueError("bad weights")))
+    b = Batcher([crash], settings())
+    with caplog.at_level("ERROR", logger="edgekit_runtime.batching"):
+        with pytest.raises(BackendError):
+            b.submit({"x": rows(3)}, 3).result(WAIT)
+        b.close()
+    (record,) = caplog.records
+    assert record.getMessage() == "batch of 3 rows failed"
+    assert record.exc_info is not None
+    assert record.exc_info[0] is ValueError
+
+
+def test_close_from_a_worker_thread_does_not_wait_for_itself(caplog: pytest.LogCaptureFixture) -> None:
+    be = FakeBackend()
+    closed: list[bool] = []
+    be.close = lambda: closed.append(True)  # type: ignore[method-assign]
+    box: list[Batcher] = []
+    b = Batcher([be], settings(), on_batch=lambda n, padded: box[0].close())
+    box.append(b)
+    with caplog.at_level("ERROR", logger="edgekit_runtime.batching"):
+        np.testing.assert_array_equal(b.submit({"x": rows(2)}, 2).result(WAIT)["y"], rows(2) * 2)
+    assert closed == [True]  # closed from the callback, on the worker's own thread
+    assert caplog.records == []
+    with pytest.raises(UnavailableError):
+        b.submit({"x": rows(1)}, 1)
+
+
+def test_close_returns_once_the_workers_have_finished_the_queue() -> None:
+    gate = threading.Event()
+    be = FakeBackend(gate=gate)
+    order: list[str] = []
+    be.close = lambda: order.append("backend closed")  # type: ignore[method-assign]
+    b = Batcher([be], settings())
+    first = blocked(be, b)
+    queued = b.submit({"x": rows(3)}, 3)
+    queued.add_done_callback(lambda _: order.append("answered"))
+
+    def open_gate_once_closing() -> None:
+        while not b._closed:
+            threading.Event().wait(0.01)
+        gate.set()
+
+    opener = threading.Thread(target=open_gate_once_closing)
+    opener.start()
+    b.close()
+    opener.join(WAIT)
+    assert queued.done()
+    assert order == ["answered", "backend closed"]
+    assert all(not t.is_alive() for t in b._threads)
+    first.result(WAIT)  # type: ignore[attr-defined]
+
+
+def test_a_sub_second_timeout_waits_for_company_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the batcher's clock stands still: the timeout never runs out, only rows can close the batch
+    monkeypatch.setattr(batching, "time", types.SimpleNamespace(monotonic=lambda: 1000.0))
+    be = FakeBackend()
+    b = Batcher([be], settings(max_batch_size=4, batch_timeout_micros=500_000))  # half a second
+    first = b.submit({"x": rows(1)}, 1)
+    assert not be.started.wait(0.3)  # waiting for company, not run at once
+    rest = [b.submit({"x": rows(1, i)}, 1) for i in range(1, 4)]
+    for i, f in enumerate([first, *rest]):
+        np.testing.assert_array_equal(f.result(WAIT)["y"], rows(1, i) * 2)
+    assert be.batches == [4]
+    b.close()
+
+
+def test_batch_sizes_refuse_allowed_sizes_that_do_not_fit_a_fixed_batch() -> None:
+    with pytest.raises(InvalidInputError, match="multiples of the model's fixed batch 2"):
+        batch_sizes(settings(max_batch_size=8, allowed_batch_sizes=[3, 8]), FakeBackend(fixed=2))
+
+
+def test_an_unnamed_batchers_threads_are_named_model() -> None:
+    b = Batcher([FakeBackend()], settings())
+    assert [t.name for t in b._threads] == ["edgekit-batch-model-0"]
+    b.close()

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from edgekit_runtime.bundle import GOLDEN_INPUTS, MANIFEST, read_bundle, read_bundle_dir
-from edgekit_runtime.errors import BundleError
+from edgekit_runtime.bundle import (
+    GOLDEN_INPUTS,
+    MANIFEST,
+    npz_bytes,
+    read_bundle,
+    read_bundle_dir,
+    read_npz,
+    sha256_bytes,
+    sha256_file,
+)
+from edgekit_runtime.errors import BundleError, NotFoundError
 from edgekit_runtime.store import install_bundle
 
 
@@ -74,3 +85,88 @@ def test_an_installed_member_that_cannot_be_read_is_named(bundles: dict[str, Pat
     with pytest.raises(BundleError) as e:
         read_bundle_dir(version)
     assert e.value.message.startswith(f"{version}: ")
+
+
+def test_an_installed_member_whose_folder_is_a_file_is_named(bundles: dict[str, Path], store: Path) -> None:
+    version = install_bundle(bundles["mlp"], store)
+    golden = version / "golden"
+    for p in golden.iterdir():
+        p.unlink()
+    golden.rmdir()
+    golden.write_text("a file where the folder was")
+    with pytest.raises(BundleError) as e:
+        read_bundle_dir(version)
+    assert e.value.message == f"{version}: {GOLDEN_INPUTS} unreadable (Not a directory)"
+
+
+def test_sha256_file_is_the_hash_of_the_whole_file(tmp_path: Path) -> None:
+    data = bytes(range(256)) * (3 * 4096 + 7)  # 3 MiB and a bit: several read blocks
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert sha256_file(path) == hashlib.sha256(data).hexdigest() == sha256_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
+
+
+def test_golden_samples_round_trip_through_npz_bytes() -> None:
+    arrays = {"x": np.arange(6, dtype=np.float32).reshape(3, 2), "y": np.array([1, 2], dtype=np.int64)}
+    back = read_npz(npz_bytes(arrays))
+    assert sorted(back) == ["x", "y"]
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(back[k], v)
+        assert back[k].dtype == v.dtype
+
+
+def test_reading_a_bundle_names_the_file_in_every_refusal(
+    bundles: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nope.ekb"
+    with pytest.raises(NotFoundError) as nf:
+        read_bundle(missing)
+    assert nf.value.message == f"{missing}: no such bundle file"
+
+    def rewrite(name: str, change: dict[str, bytes | None]) -> Path:
+        with zipfile.ZipFile(bundles["mlp"]) as z:
+            members = {n: z.read(n) for n in z.namelist()}
+        for k, v in change.items():
+            if v is None:
+                members.pop(k)
+            else:
+                members[k] = v
+        dst = tmp_path / name
+        with zipfile.ZipFile(dst, "w") as z:
+            for k, v in members.items():
+                z.writestr(k, v)
+        return dst
+
+    no_manifest = rewrite("no-manifest.ekb", {MANIFEST: None, "model.tflite": None})
+    with pytest.raises(BundleError) as e:
+        read_bundle(no_manifest, manifest_only=True)
+    assert e.value.message == f"{no_manifest}: bundle has no {MANIFEST}; re-create or re-download it"
+
+    bad = rewrite("bad-manifest.ekb", {MANIFEST: b'{"name": 5}'})
+    for manifest_only in (False, True):
+        with pytest.raises(BundleError) as e:
+            read_bundle(bad, manifest_only=manifest_only)
+        assert e.value.message.startswith(f"{bad}: invalid manifest.json at ")
+
+    broken = rewrite("bad-golden.ekb", {GOLDEN_INPUTS: b"not an npz"})
+    with pytest.raises(BundleError) as e:
+        read_bundle(broken)
+    assert e.value.message.startswith(f"{broken}: golden samples unreadable: ")
+
+    monkeypatch.setenv("EDGEKIT_MAX_BUNDLE_BYTES", "1000")
+    with pytest.raises(BundleError) as e:
+        read_bundle(bundles["mlp"])
+    assert e.value.message.startswith(f"{bundles['mlp']}: bundle unpacks to ")
+    assert e.value.message.endswith(
+        " bytes, more than the 1000-byte cap; set EDGEKIT_MAX_BUNDLE_BYTES if this model really is that big"
+    )
+
+
+def test_a_manifest_only_read_has_no_model_and_no_golden_samples(bundles: dict[str, Path]) -> None:
+    b = read_bundle(bundles["mlp"], manifest_only=True)
+    assert b.manifest.name == "mlp"
+    assert (b.model, b.golden_inputs, b.golden_outputs) == (b"", {}, {})
+    with zipfile.ZipFile(bundles["mlp"]) as z:
+        assert b.manifest_bytes == z.read(MANIFEST)

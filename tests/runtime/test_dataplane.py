@@ -67,3 +67,31 @@ def test_readiness_index_and_server_metadata(bundles: dict[str, Path], store: Pa
         }
     finally:
         rt.close()
+
+
+def test_a_version_of_up_to_18_digits_is_looked_up_and_a_longer_one_refused(bundles: dict[str, Path]) -> None:
+    rt = Runtime([bundles["mlp"]])
+    rt.start(poll_seconds=0)
+    try:
+        dp = DataPlane(rt)
+        assert dp.model("mlp", "1").version == 1
+        with pytest.raises(NotFoundError) as e:
+            dp.model("mlp", "9" * 18)  # an integer, just not a version served here
+        assert "versions are positive integers" not in e.value.message
+        assert "9" * 18 in e.value.message
+        with pytest.raises(NotFoundError) as e:
+            dp.model("mlp", "1" + "0" * 18)
+        assert e.value.message == "version '1000000000000000000' does not exist: versions are positive integers"
+    finally:
+        rt.close()
+
+
+def test_a_model_without_a_ready_version_is_not_ready_and_says_why(bundles: dict[str, Path]) -> None:
+    rt = Runtime([bundles["mlp_bad"]])  # its only version fails its golden samples
+    rt.start(poll_seconds=0)
+    try:
+        ready, why = DataPlane(rt).model_ready("mlp")
+        assert ready is False
+        assert why.startswith("model 'mlp' has no version ready: version 3 failed: ")
+    finally:
+        rt.close()

@@ -144,6 +144,8 @@ def _array(value: Any, spec: TensorSpec | None, name: str, lm: LoadedModel) -> n
     if arr.dtype.kind in "OUS" and (spec is None or spec.dtype != "object"):
         msg = f"input {name!r} has non-numeric or ragged values; expected {expected or lm.describe_inputs()}"
         raise InvalidInputError(msg)
+    if arr.dtype.kind in "US":  # JSON strings for a string input: numpy's fixed-width text -> the str objects it takes
+        arr = arr.astype(object)
     return arr
 
 
