@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -28,13 +29,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
 from edgekit.hub.telemetry import EXPORT_COLUMNS
 from edgekit_runtime.bundle import read_bundle
 from edgekit_runtime.livestats import output_summary
 from edgekit_runtime.signing import sign_bundle
 from edgekit_runtime.store import install_bundle
-from tests.hub.conftest import HubProcess, Keys, edgekit, make_bundle, make_keys
+from tests.hub.conftest import EDGEKIT, HubProcess, Keys, edgekit, make_bundle, make_keys
 from tests.mqtt import WAIT, Mosquitto, free_port, wait_until
 
 FEATURES = 64
@@ -384,3 +386,59 @@ def test_a_device_fed_shifted_inputs_is_flagged_for_drift_with_the_numbers(world
     assert reason.startswith("class distribution moved: distance ") and "class 3 is" in reason, reason
     human = world.cli("fleet").stderr
     assert "DRIFT" in human and "class distribution moved" in human
+
+
+def test_two_ingestion_processes_on_postgresql_store_every_message_once(tmp_path: Path, pg_url: str) -> None:
+    """`edgekit hub serve --db postgresql://... --ingest-group g` and an `edgekit hub ingest --group g`
+    process share one MQTT 5 shared subscription: real devices' traffic arrives exactly once."""
+    world = World(tmp_path)
+    worker: subprocess.Popen[str] | None = None
+    try:
+        trust = ("--trust-key", str(world.keys.public_path))
+        world.hub = HubProcess(world.folder / "hub", "--broker", world.broker.url, *trust, "--db", pg_url,
+                               "--ingest-group", "g", port=world.hub_port).start()  # fmt: skip
+        worker = subprocess.Popen(
+            [EDGEKIT, "hub", "ingest", "--broker", world.broker.url, "--db", pg_url, "--group", "g"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert worker.stderr is not None
+        line = worker.stderr.readline()
+        assert "storing telemetry from $share/g/edgekit/devices/+/telemetry" in line, line
+        devices = [world.device(f"pi-{i}") for i in range(3)]
+        for i, d in enumerate(devices):
+            d.traffic(ok=20 + 5 * i, bad=i)
+        engine = sa.create_engine(pg_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+
+            def totals() -> dict[str, tuple[int, int, int]]:
+                with engine.connect() as c:
+                    rows = c.execute(sa.text(
+                        "SELECT device_id, COUNT(*), SUM(requests), SUM(errors) FROM telemetry GROUP BY device_id"
+                    )).all()  # fmt: skip
+                return {r[0]: (int(r[1]), int(r[2]), int(r[3])) for r in rows}
+
+            want = {d.id: (d.sent_ok + d.sent_bad, d.sent_bad) for d in devices}
+            wait_until(lambda: {k: v[1:] for k, v in totals().items()} == want, f"the totals {want}", timeout=LONG)
+            with engine.connect() as c:
+                seqs = c.execute(sa.text("SELECT device_id, seq FROM telemetry ORDER BY device_id, seq")).all()
+        finally:
+            engine.dispose()
+        for d in devices:  # every sequence number from 1 on, once: nothing lost, nothing twice
+            mine = [int(s) for dev, s in seqs if dev == d.id]
+            assert mine == list(range(1, len(mine) + 1)), (d.id, mine)
+        hub_stats = httpx.get(
+            f"{world.hub.url}/v1/telemetry/stats", headers={"Authorization": f"Bearer {world.hub.token}"}
+        ).json()
+        assert hub_stats["subscription"] == "$share/g/edgekit/devices/+/telemetry"
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=WAIT)
+        assert worker.returncode == 0, err
+        stored = int(re.search(r"stored (\d+)", err).group(1))  # type: ignore[union-attr]
+        # the broker shared the messages out: each process stored some, together every one once
+        assert stored > 0 and hub_stats["stored"] > 0
+        assert stored + hub_stats["stored"] >= len(seqs)
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait(WAIT)
+        world.close()
