@@ -25,9 +25,11 @@ import pytest
 from edgekit_runtime import Runtime
 from edgekit_runtime.agent import Agent, Topics, parse_broker_url
 from edgekit_runtime.agent.protocol import ChunkRequest, decode, encode_chunk
+from edgekit_runtime.agent.update import health_verdict
 from edgekit_runtime.bundle import read_bundle
 from edgekit_runtime.dataplane import DataPlane
 from edgekit_runtime.errors import EdgekitError
+from edgekit_runtime.metrics import Figures
 from edgekit_runtime.signing import generate_keys, load_public_key, load_signing_key, sign_bundle
 from edgekit_runtime.store import install_bundle
 from tests.mqtt import WAIT, Mosquitto, Observer, free_port
@@ -560,3 +562,34 @@ def test_kill_9_while_going_back_leaves_a_whole_version_serving(
                 p.kill()
                 p.wait(WAIT)
         hub.obs.close()
+
+
+ERRORS_10 = "server error rate 10.0% over 30 requests against 0.0% for v1"
+
+
+def _figures(requests: int, errors: int, p95_bucket: float) -> Figures:
+    """``requests`` requests, ``errors`` of them 5xx, every latency in the bucket ``p95_bucket``."""
+    bounds = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, float("inf"))
+    return Figures(float(requests), float(errors), tuple((le, float(requests) if le >= p95_bucket else 0.0)
+                                                        for le in bounds))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("new", "old", "verdict"),
+    [
+        (_figures(30, 0, 0.0025), _figures(30, 0, 0.001), ""),  # one coarse bucket step: not slower
+        (_figures(30, 0, 0.025), _figures(30, 0, 0.01), "p95 latency 25.0 ms against 10.0 ms for v1"),
+        (_figures(30, 0, 0.05), _figures(30, 0, 0.025), ""),  # exactly twice: not over twice
+        (_figures(30, 0, 0.1), _figures(30, 0, 0.025), "p95 latency 100.0 ms against 25.0 ms for v1"),
+        (_figures(30, 0, 0.1), _figures(10, 0, 0.001), ""),  # the previous version served too few
+        (_figures(10, 10, 0.001), _figures(30, 0, 0.001), ""),  # too few requests in the window
+        (
+            _figures(30, 3, 0.001),
+            _figures(30, 0, 0.001),
+            "server error rate 10.0% over 30 requests against 0.0% for v1",
+        ),
+        (_figures(30, 1, 0.001), _figures(30, 0, 0.001), ""),  # 3.3%: within the 5-point margin
+    ],
+)
+def test_the_health_verdict(new: Figures, old: Figures, verdict: str) -> None:
+    assert health_verdict(new, old, 1) == verdict

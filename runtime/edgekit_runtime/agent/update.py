@@ -21,8 +21,8 @@ golden samples when no live request came) and, below ``min_agreement``, the new 
 The health window: after the switch the new version's server error rate and p95 latency on this
 device are compared with the previous version's figures here; with at least MIN_REQUESTS requests
 in the window, an error rate over the previous one plus ERROR_MARGIN, or a p95 over LATENCY_FACTOR
-times the previous p95, puts the previous version back by itself and reports ``rolled_back`` with
-the figures. The machine is plain
+times the previous p95 and at least LATENCY_MARGIN_S slower, puts the previous version back by
+itself and reports ``rolled_back`` with the figures. The machine is plain
 logic over a job record: the Agent feeds it events (a desired version, a chunk, a clock tick) and
 publishes the chunk requests it returns, so tests can drive it without a broker.
 
@@ -63,6 +63,10 @@ ACTIVE_STATES = (DOWNLOADING, VERIFYING, INSTALLING, TESTING, WATCHING)
 MIN_REQUESTS = 20
 ERROR_MARGIN = 0.05
 LATENCY_FACTOR = 2.0
+#: ... and at least this much slower (seconds): the histogram's buckets are coarse (1 ms, then
+#: 2.5 ms), so one bucket step under load alone would be "twice as slow" (a demo on a busy machine
+#: rolled a healthy device back so).
+LATENCY_MARGIN_S = 0.010
 #: Chunks asked for at once (the device's one outstanding window).
 WINDOW = 8
 #: Ask again for what is missing when no chunk of the window arrived for this long (a broker restart,
@@ -75,6 +79,24 @@ RETRY_SECONDS = 3.0
 VERIFY_RETRIES = 1
 #: A version on its way out of the store: ``STORE/MODEL/.VERSION.ID.removed`` (hidden: not a version).
 REMOVED = ".removed"
+
+
+def health_verdict(seen: Figures, before: Figures, previous: int | None) -> str:
+    """Why the new version does worse than the previous one did (``seen``: its figures in the health
+    window; ``before``: the previous version's), or "" when it does not (or too few requests)."""
+    if seen.requests < MIN_REQUESTS:
+        return ""
+    if seen.error_rate > before.error_rate + ERROR_MARGIN:
+        return (
+            f"server error rate {seen.error_rate:.1%} over {seen.requests:.0f} requests against "
+            f"{before.error_rate:.1%} for v{previous}"
+        )
+    p95, old95 = seen.quantile(0.95), before.quantile(0.95)
+    if before.requests < MIN_REQUESTS or p95 is None or old95 is None:
+        return ""
+    if p95 > LATENCY_FACTOR * old95 and p95 - old95 >= LATENCY_MARGIN_S:  # one coarse bucket step is not
+        return f"p95 latency {p95 * 1e3:.1f} ms against {old95 * 1e3:.1f} ms for v{previous}"
+    return ""
 
 
 @dataclass
@@ -575,17 +597,7 @@ class Updater:
         now = self.runtime.metrics.figures(job.model, job.version)
         seen = now.since(_load(job.watch_from))
         before = _load(job.baseline)
-        worse = ""
-        if seen.requests >= MIN_REQUESTS:
-            if seen.error_rate > before.error_rate + ERROR_MARGIN:
-                worse = (
-                    f"server error rate {seen.error_rate:.1%} over {seen.requests:.0f} requests against "
-                    f"{before.error_rate:.1%} for v{job.previous}"
-                )
-            p95, old95 = seen.quantile(0.95), before.quantile(0.95)
-            enough = before.requests >= MIN_REQUESTS
-            if not worse and enough and p95 is not None and old95 is not None and p95 > LATENCY_FACTOR * old95:
-                worse = f"p95 latency {p95 * 1e3:.1f} ms against {old95 * 1e3:.1f} ms for v{job.previous}"
+        worse = health_verdict(seen, before, job.previous)
         if worse:
             self._roll_back(job, f"health window: {worse}")
         elif time.time() - job.switched_at >= job.health_window:
