@@ -164,6 +164,12 @@ class Link:
         self._client.disconnect()
         if self._thread is not None:
             self._thread.join(10)
+        # paho closes its socket and its wake-up socket pair (two TCP sockets on 127.0.0.1) only when
+        # its loop sees the disconnect; this loop has stopped, so close them here (a publish while
+        # never connected makes the pair too): left to the garbage collector they warn
+        reset = getattr(self._client, "_reset_sockets", None)
+        if callable(reset) and (self._thread is None or not self._thread.is_alive()):
+            reset()
 
     # -- the loop -----------------------------------------------------------------------------
 

@@ -331,17 +331,7 @@ def decode_telemetry(payload: bytes, topic: str = "") -> list[tuple[Telemetry | 
     them. Each item is checked on its own (its message, or the ProtocolError saying what is wrong
     with it, and its JSON); a payload that is not one of the two shapes raises ProtocolError."""
     where = f"{topic}: " if topic else ""
-    if len(payload) > MAX_PAYLOAD_BYTES:
-        msg = f"{where}payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
-        raise ProtocolError(msg)
-    try:
-        raw: Any = orjson.loads(payload)
-    except (ValueError, UnicodeDecodeError) as e:
-        msg = f"{where}payload is not JSON ({e})"
-        raise ProtocolError(msg) from None
-    if not isinstance(raw, dict):
-        msg = f"{where}payload must be a JSON object, not {type(raw).__name__}"
-        raise ProtocolError(msg)
+    raw = _parse_object(payload, where)
     items = raw.get("batch") if "batch" in raw else [raw]
     if not isinstance(items, list) or not 1 <= len(items) <= MAX_BATCH:
         msg = f"{where}batch must be a list of 1 to {MAX_BATCH} telemetry messages"
@@ -352,18 +342,10 @@ def decode_telemetry(payload: bytes, topic: str = "") -> list[tuple[Telemetry | 
         if not isinstance(item, dict):
             out.append((ProtocolError(f"{at}a telemetry message must be a JSON object"), {}))
             continue
-        schema = item.get("schema", SCHEMA)
-        if isinstance(schema, int) and schema > SCHEMA:
-            out.append(
-                (ProtocolError(f"{at}schema {schema} is newer than this side's ({SCHEMA}); upgrade edgekit"), item)
-            )
-            continue
         try:
-            out.append((Telemetry.model_validate(item), item))
-        except ValidationError as e:
-            first = e.errors()[0]
-            loc = ".".join(str(p) for p in first["loc"]) or "(root)"
-            out.append((ProtocolError(f"{at}Telemetry payload invalid at {loc!r}: {first['msg']}"), item))
+            out.append((_check(Telemetry, item, at), item))
+        except ProtocolError as e:
+            out.append((e, item))
     return out
 
 
@@ -434,23 +416,35 @@ def decode(kind: type[M], payload: bytes, topic: str = "") -> M:
 def decode_with_raw(kind: type[M], payload: bytes, topic: str = "") -> tuple[M, dict[str, Any]]:
     """``decode``, and the parsed JSON object too (the hub stores it as it came)."""
     where = f"{topic}: " if topic else ""
+    raw = _parse_object(payload, where)
+    return _check(kind, raw, where), raw
+
+
+def _parse_object(payload: bytes, where: str) -> dict[str, Any]:
+    """The payload's JSON object: not over the size cap, JSON (orjson refuses NaN and Infinity, which
+    JSON has not, where Python's json reads them), an object."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         msg = f"{where}payload of {len(payload)} bytes is over the {MAX_PAYLOAD_BYTES}-byte limit"
         raise ProtocolError(msg)
     try:
-        raw: Any = orjson.loads(payload)  # refuses NaN and Infinity (JSON has neither), unlike json
+        raw: Any = orjson.loads(payload)
     except (ValueError, UnicodeDecodeError) as e:
         msg = f"{where}payload is not JSON ({e})"
         raise ProtocolError(msg) from None
     if not isinstance(raw, dict):
         msg = f"{where}payload must be a JSON object, not {type(raw).__name__}"
         raise ProtocolError(msg)
+    return raw
+
+
+def _check(kind: type[M], raw: dict[str, Any], where: str) -> M:
+    """``raw`` as a ``kind`` message: not of a newer schema, of the right shape."""
     schema = raw.get("schema", SCHEMA)
     if isinstance(schema, int) and schema > SCHEMA:
         msg = f"{where}schema {schema} is newer than this side's ({SCHEMA}); upgrade edgekit"
         raise ProtocolError(msg)
     try:
-        return kind.model_validate(raw), raw
+        return kind.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
         at = ".".join(str(p) for p in first["loc"]) or "(root)"
