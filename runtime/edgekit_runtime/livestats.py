@@ -43,6 +43,7 @@ __all__ = [
 RESERVOIR = 2048
 _OUTPUT_RESERVOIR = 512
 _PROB_TOL = 1e-3
+#: The post-processing output of the top classes (model.py declares it; here so both can import it).
 TOP_K_INDICES = "top_k_indices"
 #: Output quantiles reported for numeric outputs.
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -58,13 +59,19 @@ def error_kind(status: int) -> str:
 
 
 def looks_like_scores(a: np.ndarray) -> bool:
-    """Class probabilities: float, >= 2 dims, last dim > 1, values in [0, 1], rows summing to 1."""
+    """Class probabilities: float, >= 2 dims, last dim > 1, values in [0, 1], rows summing to 1.
+
+    On the request path for every answer (the telemetry window and the shadow check), so it makes
+    one float64 copy and three reductions: NaN makes min and max NaN and +-Infinity puts them out
+    of range, so both fail the range test without a separate finiteness pass."""
     if a.dtype.kind != "f" or a.ndim < 2 or a.shape[-1] < 2 or a.size == 0:
         return False
-    x = np.asarray(a, dtype=np.float64)
-    if not np.all(np.isfinite(x)) or x.min() < -_PROB_TOL or x.max() > 1 + _PROB_TOL:
+    x = a.astype(np.float64)
+    if not (x.min() >= -_PROB_TOL and x.max() <= 1 + _PROB_TOL):
         return False
-    return bool(np.all(np.abs(x.sum(axis=-1) - 1.0) <= _PROB_TOL))
+    off = x.sum(axis=-1)
+    off -= 1.0
+    return bool(np.abs(off, out=off).max() <= _PROB_TOL)
 
 
 def top_classes(outputs: Mapping[str, Any], first: str) -> np.ndarray | None:
@@ -105,7 +112,7 @@ class _Reservoir:
         room = self.size - len(self.values)
         if room > 0:
             head = xs[:room]
-            self.values.extend(float(v) for v in head)
+            self.values.extend(head.tolist())
             self.seen += len(head)
             xs = xs[room:]
         if not len(xs):
@@ -131,7 +138,9 @@ class _Numeric:
 
     def add(self, a: np.ndarray) -> None:
         x = np.asarray(a, dtype=np.float64).reshape(-1)
-        x = x[np.isfinite(x)]
+        finite = np.isfinite(x)
+        if not finite.all():
+            x = x[finite]
         if not x.size:
             return
         self.count += int(x.size)
