@@ -238,7 +238,3 @@ class DriftTracker:
         if not decided:
             return None
         return {"drift": bool(reasons), "reasons": reasons, "figures": figures}
-
-    def forget(self, device: str) -> None:
-        for key in [k for k in self._recent if k[0] == device]:
-            del self._recent[key]

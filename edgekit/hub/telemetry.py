@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import queue
-import re
 import secrets
 import threading
 import time
@@ -39,6 +38,7 @@ from edgekit.hub.drift import DriftSettings, DriftTracker, Reference, reference_
 from edgekit.hub.store import Store
 from edgekit_runtime.agent.link import BrokerAddress, Link
 from edgekit_runtime.agent.protocol import (
+    ID_PATTERN,
     MAX_ACK,
     Ack,
     ProtocolError,
@@ -86,12 +86,9 @@ class IngestStats:
         }
 
 
-_GROUP = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
 def check_group(group: str) -> str:
-    """A shared subscription's name: a topic level, no wildcards."""
-    if not _GROUP.match(group):
+    """A shared subscription's name: a topic level, no wildcards (the device ids' rule)."""
+    if not ID_PATTERN.match(group):
         msg = f"group {group!r}: give 1-64 letters, digits or ._- (a topic level), e.g. edgekit-ingest"
         raise InvalidInputError(msg)
     return group
@@ -294,12 +291,9 @@ class Ingestor:
             **(link_options or {}),
         )
         topic = f"{self.prefix}/devices/+/telemetry"
-        self.link.subscribe(f"$share/{group}/{topic}" if group else topic, self._on_message)
-
-    @property
-    def subscription(self) -> str:
-        topic = f"{self.prefix}/devices/+/telemetry"
-        return f"$share/{self.group}/{topic}" if self.group else topic
+        #: what the link subscribes to: the telemetry of every device, or the group's share of it
+        self.subscription = f"$share/{group}/{topic}" if group else topic
+        self.link.subscribe(self.subscription, self._on_message)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="edgekit-hub-ingest", daemon=True)

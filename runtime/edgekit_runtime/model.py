@@ -20,6 +20,7 @@ from edgekit_runtime.batching import Batcher, Outputs, batch_sizes
 from edgekit_runtime.bundle import Bundle, Manifest, RuntimeSettings
 from edgekit_runtime.errors import BundleError, EdgekitError, InvalidInputError, SmokeTestError
 from edgekit_runtime.latency import sample_inputs
+from edgekit_runtime.livestats import TOP_K_INDICES
 from edgekit_runtime.metrics import ModelMetrics
 from edgekit_runtime.tensors import TensorSpec, coerce_input, dequantize
 
@@ -27,7 +28,6 @@ __all__ = ["LoadedModel", "check_golden"]
 
 log = logging.getLogger("edgekit_runtime.model")
 
-TOP_K_INDICES = "top_k_indices"
 TOP_K_SCORES = "top_k_scores"
 TOP_K_LABELS = "top_k_labels"
 

@@ -57,15 +57,6 @@ def screenshot(page: Any, folder: Path, name: str) -> Path:
     return path
 
 
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
-    try:
-        yield w
-    finally:
-        w.close()
-
-
 def test_the_dashboard_shows_the_fleet_live_the_device_charts_and_a_rollout_moving(
     world: World, page: Any, tmp_path: Path
 ) -> None:

@@ -22,13 +22,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import pytest
 import sqlalchemy as sa
 
 from edgekit.hub.telemetry import EXPORT_COLUMNS
@@ -189,15 +187,6 @@ class World:
         if self.hub is not None and self.hub.proc is not None and self.hub.proc.poll() is None:
             self.hub.stop()
         self.broker.stop()
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    w = World(tmp_path)
-    try:
-        yield w
-    finally:
-        w.close()
 
 
 def contiguous(rows: list[tuple[int, str, int, int]]) -> bool:

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from edgekit_runtime.errors import InvalidInputError
 
 __all__ = [
+    "ID_PATTERN",
     "MAX_PAYLOAD_BYTES",
     "MAX_WINDOW",
     "SCHEMA",
@@ -73,7 +74,8 @@ MAX_WINDOW = 16
 MAX_ARTIFACT_BYTES = 2 << 30
 _FRAME_HEADER_MAX = 4 << 10
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Device ids (and other names that are a topic level): 1-64 letters, digits or ._-, no wildcards.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}(/[A-Za-z0-9][A-Za-z0-9._-]{0,63}){0,3}$")
 
 
@@ -83,7 +85,7 @@ class ProtocolError(InvalidInputError):
 
 def check_device_id(device_id: str) -> str:
     """Device ids are topic levels and broker user names: letters, digits and ``._-``, no wildcards."""
-    if not _ID.match(device_id):
+    if not ID_PATTERN.match(device_id):
         msg = (
             f"device id {device_id!r} must be 1-64 letters, digits or ._- (starting with a letter or digit); "
             "MQTT wildcards and '/' cannot be part of it"

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from edgekit_runtime.batching import Outputs
-from edgekit_runtime.livestats import looks_like_scores
-from edgekit_runtime.model import TOP_K_INDICES, LoadedModel
+from edgekit_runtime.livestats import TOP_K_INDICES, looks_like_scores
+from edgekit_runtime.model import LoadedModel
 from edgekit_runtime.runtime import Runtime
 
 __all__ = ["NICE", "QUEUE", "SHARE", "Comparison", "Shadow", "describe"]
