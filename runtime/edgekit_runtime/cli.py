@@ -153,17 +153,20 @@ def _labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
 @click.option(
     "--telemetry-interval",
     type=click.FloatRange(min=0),
+    metavar="SECONDS",
     default=None,
     help="seconds between telemetry messages to the hub; 0 = none  [default: 10; needs --broker]",
 )
 @click.option(
     "--telemetry-queue-bytes",
     callback=_byte_size,
+    metavar="BYTES",
     help="bound of the on-disk telemetry queue, e.g. 16M; past it the oldest are dropped and counted  [default: 16M]",
 )
 @click.option(
     "--telemetry-rate",
     type=click.FloatRange(min=0.1),
+    metavar="MSGS_PER_S",
     default=None,
     help="telemetry messages per second at most while a backlog drains  [default: 10]",
 )
