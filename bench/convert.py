@@ -43,7 +43,11 @@ class Row:
     p50_ms: float | None = None
     drop: float | None = None
     agreement: float | None = None
+    cosine: float | None = None
     budgets: str = ""
+    error: str = ""  # the whole message of a profile that did not convert
+    error_kind: str = ""  # its error class (ConversionError, UnsupportedOpError, EngineCrashError, ...)
+    notes: tuple[str, ...] = ()
 
 
 def _mobilenet(path: Path) -> Path:
@@ -99,6 +103,7 @@ def bench_model(name: str, model: Path, profiles: list[str], options_kw: dict[st
                 )
             except EdgekitError as e:
                 row.budgets = "not converted: " + e.message.split("; ")[0].removeprefix(f"profile {profile.name}: ")
+                row.error, row.error_kind = e.message, type(e).__name__
                 rows.append(row)
                 print(f"  {name} {profile.name}: {row.budgets}", file=sys.stderr)
                 continue
@@ -114,6 +119,8 @@ def bench_model(name: str, model: Path, profiles: list[str], options_kw: dict[st
             row.p50_ms = m.get("latency_p50_ms_b1")
             row.drop = m.get("accuracy_drop_points")
             row.agreement = m.get("top1_agreement")
+            row.cosine = m.get("cosine_similarity")
+            row.notes = tuple(result.notes)
             failed = [
                 f"{f.budget} {f.value:.3g} > {f.limit:g}" if f.value is not None else f.budget
                 for f in result.failed_budgets

@@ -23,6 +23,8 @@ else:  # Python 3.10 (JetPack 6's Ubuntu 22.04)
 TFLITE_MODES = ("float32", "float16", "dynamic", "int8", "int8-only", "int16x8")
 ONNX_MODES = ("float32", "float16", "dynamic-int8", "static-int8")
 _NEEDS_CALIBRATION = {"int8", "int8-only", "int16x8", "static-int8"}
+# Modes where single layers may stay in float (conversion.float_layers): full integer with float fallback.
+FLOAT_FALLBACK_MODES = {"int8", "int16x8", "static-int8"}
 
 
 def _bundled_dir() -> Path:
@@ -58,10 +60,29 @@ class Conversion(_Strict):
     calibration_samples: int = Field(default=200, ge=1, le=10000)
     static_batch: int | None = Field(default=None, ge=1, description="export with this fixed batch size")
     opset: int = Field(default=17, ge=11, le=21)
+    allowed_quantizations: list[str] = Field(
+        default_factory=list,
+        description="modes `edgekit convert --quantization auto` may choose, smallest/fastest first; "
+        "empty = only `quantization`",
+    )
+    unroll_recurrent: bool = Field(
+        default=True,
+        description="unroll Keras LSTM/GRU layers over their time steps to calibrate (TensorFlow's calibrator "
+        "crashes on their while loop); false keeps the loop",
+    )
+    float_layers: list[str] = Field(
+        default_factory=list,
+        description="layers kept in float in a float-fallback mode (TFLite tensor names, ONNX node names)",
+    )
 
     @property
     def needs_calibration(self) -> bool:
         return self.quantization in _NEEDS_CALIBRATION
+
+    @property
+    def auto_modes(self) -> list[str]:
+        """The modes `--quantization auto` tries, in order."""
+        return list(self.allowed_quantizations) or [self.quantization]
 
 
 class Constraints(_Strict):
@@ -100,6 +121,16 @@ class Profile(_Strict):
         modes = TFLITE_MODES if c.format == "tflite" else ONNX_MODES
         if c.quantization not in modes:
             msg = f"conversion.quantization {c.quantization!r} is not a {c.format} mode; use one of {', '.join(modes)}"
+            raise ValueError(msg)
+        bad = [m for m in c.allowed_quantizations if m not in modes]
+        if bad:
+            msg = f"conversion.allowed_quantizations {bad} are not {c.format} modes; use some of {', '.join(modes)}"
+            raise ValueError(msg)
+        if c.float_layers and c.quantization not in FLOAT_FALLBACK_MODES:
+            msg = (
+                "conversion.float_layers needs a mode with float fallback "
+                f"({', '.join(sorted(FLOAT_FALLBACK_MODES))}), not {c.quantization!r}"
+            )
             raise ValueError(msg)
         integer_io = {c.input_dtype, c.output_dtype} & {"int8", "uint8"}
         if integer_io and c.quantization != "int8-only":

@@ -167,6 +167,14 @@ class _RichReporter(Reporter):
     "--labels-output", metavar="NAME", default=None, help="output --labels applies to (default: the only one)"
 )
 @click.option(
+    "--quantization",
+    metavar="MODE|auto",
+    default=None,
+    help="auto: per profile, try its conversion.allowed_quantizations smallest first (keeping the most damaged "
+    "layers in float where the mode allows) and keep the first within every budget; a mode: use it for every "
+    "profile instead of its conversion.quantization",
+)
+@click.option(
     "--strict/--no-strict", default=True, help="--no-strict: report failed budgets as warnings, write the bundle"
 )
 @click.option("--json", "as_json", is_flag=True, help=json_option_help)
@@ -188,6 +196,7 @@ def convert(  # noqa: PLR0917 - click passes every option as an argument
     labels: Path | None,
     top_k: int | None,
     labels_output: str | None,
+    quantization: str | None,
     strict: bool,
     as_json: bool,
 ) -> None:
@@ -211,6 +220,7 @@ def convert(  # noqa: PLR0917 - click passes every option as an argument
         labels=labels,
         top_k=top_k,
         labels_output=labels_output,
+        quantization=quantization,
     )
     out = _stderr_console()
     # The live display only on a terminal: redirected to a file or a pipe it would leave a blank

@@ -114,23 +114,50 @@ def tensor_arena_bytes(graph: Graph) -> int:
     return peak
 
 
-def _onnx_ops(model: bytes) -> list[str]:
+def float_ops(graph: Graph) -> dict[str, int]:
+    """Ops of a quantized TFLite model that compute in float (a float tensor in or out, other than the
+    QUANTIZE/DEQUANTIZE boundaries), counted by op: what the converter's float fallback left."""
+    out: dict[str, int] = {}
+    for op in graph.ops:
+        if op.name in _BOUNDARY_OPS:
+            continue
+        if any(graph.tensors[t].dtype in _FLOAT_TYPES for t in op.inputs + op.outputs):
+            out[op.name] = out.get(op.name, 0) + 1
+    return dict(sorted(out.items()))
+
+
+def _onnx_facts(model: bytes, quantized: bool) -> tuple[list[str], dict[str, int]]:
+    """The op types of an ONNX model, and in a QDQ model the nodes left in float: those that take no
+    input from a DequantizeLinear (ONNX Runtime runs a node in int8 where QDQ pairs surround it)."""
     import onnx
 
-    return sorted({n.op_type for n in onnx.load_from_string(model).graph.node})
+    graph = onnx.load_from_string(model).graph
+    ops = sorted({n.op_type for n in graph.node})
+    if not quantized:
+        return ops, {}
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    left: dict[str, int] = {}
+    for n in graph.node:
+        if n.op_type in {"QuantizeLinear", "DequantizeLinear"} or any(i in dequantized for i in n.input):
+            continue
+        left[n.op_type] = left.get(n.op_type, 0) + 1
+    return ops, dict(sorted(left.items()))
 
 
 def check(profile: Profile, fmt: str, model: bytes) -> dict[str, Any]:
     """Raise on anything the target cannot run; return facts for the report (ops, arena estimate)."""
     c = profile.constraints
     where = f"profile {profile.name}"
+    quantized = profile.conversion.needs_calibration
     if fmt == "onnx":
-        ops = _onnx_ops(model)
+        ops, left = _onnx_facts(model, quantized)
         _check_ops(ops, c.allowed_ops, where)
-        return {"ops": ops}
+        return {"ops": ops, "float_ops": left} if quantized else {"ops": ops}
     graph = read_tflite(model)
     _check_ops(graph.op_names, c.allowed_ops, where)
     facts: dict[str, Any] = {"ops": graph.op_names}
+    if quantized:
+        facts["float_ops"] = float_ops(graph)
     if c.full_integer:
         for op in graph.ops:
             if op.name in _BOUNDARY_OPS:

@@ -21,7 +21,7 @@ from typing import Any
 
 from edgekit.errors import InvalidInputError
 from edgekit.profiles import Profile
-from edgekit_converters import budgets, calibration, constraints, processing, to_onnx, to_tflite
+from edgekit_converters import auto, budgets, calibration, constraints, processing, to_onnx, to_tflite
 from edgekit_converters.errors import EngineCrashError
 from edgekit_converters.isolation import DEFAULT_STEP_TIMEOUT_S, EngineProcess, Step
 from edgekit_converters.sources import Source, load_source
@@ -61,6 +61,9 @@ class Options:
     labels_output: str | None = None
     # time limit of each engine step in its worker process (isolation.py)
     step_timeout_s: float = DEFAULT_STEP_TIMEOUT_S
+    # None: each profile's conversion.quantization; a mode: that mode for every profile; "auto": the
+    # accuracy-aware search over each profile's conversion.allowed_quantizations (auto.py)
+    quantization: str | None = None
 
 
 class Reporter:
@@ -88,6 +91,7 @@ class ProfileResult:
     facts: dict[str, Any]
     notes: list[str]
     bundle: Path | None = None
+    search: dict[str, Any] | None = None  # --quantization auto: every try and why the winner won
 
     @property
     def failed_budgets(self) -> list[budgets.BudgetCheck]:
@@ -106,6 +110,7 @@ class ProfileResult:
             "budgets_ok": not self.failed_budgets,
             "constraints": self.facts,
             "notes": self.notes,
+            "quantization_search": self.search,
         }
 
 
@@ -262,6 +267,14 @@ def convert_profile(
         }
         if c.format == "onnx":
             calib_info["method"] = c.calibration_method
+        if facts.get("float_ops"):
+            calib_info["float_ops"] = facts["float_ops"]
+            calib_info["float_ops_reason"] = (
+                "the converter's float fallback (no integer kernel for the op in this mode, or its input is not "
+                "quantized)" + ("; and conversion.float_layers" if c.float_layers else "")
+            )
+        if c.float_layers:
+            calib_info["float_layers"] = list(c.float_layers)
         if calib.synthetic:
             notes.append("calibrated on " + calibration.SYNTHETIC_NOTE)
     manifest = Manifest(
@@ -334,7 +347,9 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
     model = Path(model)
     out_dir = Path(options.output_dir)
     norm, labels = _parse_processing(options)
-    needing = [p.name for p in profiles if p.conversion.needs_calibration]
+    if options.quantization is not None:
+        auto.check_option(options.quantization, profiles)
+    needing = [p.name for p in profiles if auto.may_calibrate(p, options.quantization)]
     with (
         output_dir(out_dir),
         tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp,
@@ -390,19 +405,22 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
         for profile in profiles:
             profile_dir = workdir / profile.name
             profile_dir.mkdir()
+            kwargs: dict[str, Any] = {
+                "plan": plan,
+                "reference": reference,
+                "options": options,
+                "workdir": profile_dir,
+                "reporter": reporter,
+                "engine": engine,
+                "preprocessing": pre,
+                "postprocessing": post,
+            }
             try:
-                result, bundle = convert_profile(
-                    source,
-                    profile,
-                    plan=plan,
-                    reference=reference,
-                    options=options,
-                    workdir=profile_dir,
-                    reporter=reporter,
-                    engine=engine,
-                    preprocessing=pre,
-                    postprocessing=post,
-                )
+                if options.quantization == "auto":
+                    result, bundle = auto.search(source, profile, **kwargs)
+                else:
+                    chosen = profile if options.quantization is None else auto.with_mode(profile, options.quantization)
+                    result, bundle = convert_profile(source, chosen, **kwargs)
             except EngineCrashError as e:
                 c = profile.conversion
                 report.failed.append(ProfileFailure(profile.name, c.format, c.quantization, e))

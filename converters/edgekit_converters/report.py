@@ -72,6 +72,22 @@ def _table(r: ProfileResult, strict: bool) -> Table:
     return table
 
 
+def _tries(r: ProfileResult) -> Table:
+    """--quantization auto: every try, in order, with its size, latency, accuracy and verdict."""
+    table = Table(title=f"[bold]{r.profile}[/bold]: --quantization auto, tries in order", title_justify="left")
+    for column in ("mode", "layers in float", "size", "p50 ms (b1)", "accuracy", "verdict"):
+        table.add_column(column, justify="right" if column in {"size", "p50 ms (b1)"} else "left")
+    assert r.search is not None
+    for t in r.search["tries"]:
+        size = fmt_bytes(t["size_bytes"]) if t.get("size_bytes") is not None else "-"
+        latency = f"{t['latency_p50_ms_b1']:.3f}" if t.get("latency_p50_ms_b1") is not None else "-"
+        accuracy = f"{t['accuracy_kind']} {t['accuracy']:g}" if t.get("accuracy") is not None else "-"
+        verdict = t.get("error") or t["verdict"]
+        verdict = f"[bold green]chosen: {verdict}[/bold green]" if t.get("chosen") else verdict
+        table.add_row(t["mode"], str(len(t["float_layers"])), size, latency, accuracy, verdict)
+    return table
+
+
 def render(report: Report, console: Console) -> None:
     s = report.source
     console.print(
@@ -83,6 +99,8 @@ def render(report: Report, console: Console) -> None:
         style = "yellow" if "NOT trustworthy" in note else "dim"
         console.print(f"[{style}]note: {note}[/{style}]")
     for r in report.results:
+        if r.search is not None:
+            console.print(_tries(r))
         console.print(_table(r, report.strict))
         for note in r.notes:
             console.print(f"  [yellow]note:[/yellow] {note}")

@@ -87,12 +87,34 @@ class Source:
     _onnx_session: Any = None
     _reference: Any = None
     _loaded: Any = None  # keeps the SavedModel's variables alive for _reference
-    _saved_models: dict[int | None, Path] = field(default_factory=dict)
+    _saved_models: dict[tuple[int | None, bool], Path] = field(default_factory=dict)
     _onnx_files: dict[tuple[int, int | None], Path] = field(default_factory=dict)
 
     @property
     def is_tensorflow(self) -> bool:
         return self.kind != "onnx"
+
+    @property
+    def recurrent_layers(self) -> list[str]:
+        """The Keras recurrent layers (LSTM, GRU, SimpleRNN, also inside Bidirectional), by name;
+        empty for SavedModel and ONNX sources, whose layers are not known."""
+        if self._keras_model is None:
+            return []
+        rnn = keras().layers.RNN
+        found: list[str] = []
+
+        def walk(layer: Any) -> None:
+            if isinstance(layer, rnn):
+                found.append(layer.name)
+            for sub in getattr(layer, "layers", None) or []:
+                walk(sub)
+            for attr in ("forward_layer", "backward_layer"):  # Bidirectional
+                if (inner := getattr(layer, attr, None)) is not None:
+                    walk(inner)
+
+        for layer in self._keras_model.layers:
+            walk(layer)
+        return found
 
     # --- reference predictions -------------------------------------------------------------
 
@@ -118,31 +140,75 @@ class Source:
 
     # --- exports for the converters ---------------------------------------------------------
 
-    def saved_model(self, static_batch: int | None = None) -> Path:
-        """A SavedModel of the source (batch dimension fixed to ``static_batch`` when given), cached."""
-        if static_batch in self._saved_models:
-            return self._saved_models[static_batch]
+    def saved_model(self, static_batch: int | None = None, *, unroll: bool = False) -> Path:
+        """A SavedModel of the source (batch dimension fixed to ``static_batch`` when given; with
+        ``unroll``, the Keras recurrent layers unrolled over their time steps), cached."""
+        key = (static_batch, unroll)
+        if key in self._saved_models:
+            return self._saved_models[key]
         if self.kind == "onnx":
             msg = "an ONNX model cannot be converted to TFLite here; pick an ONNX profile (e.g. x86-server)"
             raise ConversionError(msg)
+        if unroll and self._keras_model is None:
+            msg = f"{self.path}: only a Keras source's recurrent layers can be unrolled"
+            raise ConversionError(msg)
         tf = tensorflow()
-        out = self.workdir / f"saved_model_b{static_batch or 'dyn'}"
+        out = self.workdir / f"saved_model_b{static_batch or 'dyn'}{'_unrolled' if unroll else ''}"
         with captured_stderr() as cap:
             try:
                 if self.kind == "keras":
                     signature = None
                     if static_batch is not None:
                         signature = [self._keras_signature(static_batch)]
-                    self._keras_model.export(str(out), verbose=False, input_signature=signature)
+                    model = self._unrolled() if unroll else self._keras_model
+                    model.export(str(out), verbose=False, input_signature=signature)
                 elif static_batch is None:
                     return self.path
                 else:
                     self._fixed_batch_saved_model(tf, static_batch, out)
+            except ConversionError:
+                raise
             except Exception as e:  # TF raises many unrelated types for an unexportable graph
                 msg = f"cannot export {self.path} to a SavedModel: {e} {cap.errors()}".strip()
                 raise ConversionError(msg) from e
-        self._saved_models[static_batch] = out
+        self._saved_models[key] = out
         return out
+
+    def _unrolled(self) -> Any:
+        """The Keras model again with ``unroll=True`` on every recurrent layer and the same weights:
+        a plain graph of matrix products and activations instead of a while loop (TensorFlow 2.21's
+        int8 calibrator crashes on the loop). Checked to give the source's outputs."""
+        k = keras()
+        model = self._keras_model
+
+        def patch(node: Any) -> Any:
+            if isinstance(node, dict):
+                if node.get("class_name") in {"LSTM", "GRU", "SimpleRNN"} and isinstance(node.get("config"), dict):
+                    node["config"]["unroll"] = True
+                for v in node.values():
+                    patch(v)
+            elif isinstance(node, list):
+                for v in node:
+                    patch(v)
+            return node
+
+        try:
+            clone = model.__class__.from_config(patch(model.get_config()))
+            clone.set_weights(model.get_weights())
+        except Exception as e:  # from_config raises ValueError / TypeError for what cannot be rebuilt
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            msg = (
+                f"cannot unroll the recurrent layers of {self.path} (needed for calibration): {first}; "
+                'give the sequence input a fixed length, or use conversion.quantization = "dynamic"'
+            )
+            raise ConversionError(msg) from e
+        probe = {s.name: np.zeros([1, *[max(d, 1) for d in s.shape[1:]]], s.np_dtype) for s in self.inputs}
+        args = [probe[t.name] for t in model.inputs] if len(model.inputs) > 1 else probe[model.inputs[0].name]
+        a, b = k.tree.flatten(model(args)), k.tree.flatten(clone(args))
+        if any(not np.allclose(np.asarray(x), np.asarray(y), atol=1e-4) for x, y in zip(a, b, strict=True)):
+            msg = f"{self.path}: its recurrent layers unrolled do not give the source's outputs; not converted"
+            raise ConversionError(msg)
+        return clone
 
     def _keras_signature(self, batch: int) -> Any:
         k = keras()
@@ -279,5 +345,5 @@ def _load_tensorflow(path: Path, kind: SourceKind, sha: str, size: int, workdir:
     source = Source(
         path, kind, sha, size, inputs, outputs, workdir, _keras_model=keras_model, _reference=fn, _loaded=loaded
     )
-    source._saved_models[None] = export_dir
+    source._saved_models[(None, False)] = export_dir
     return source
