@@ -78,6 +78,13 @@ def check_arrays(arrays: dict[str, np.ndarray], inputs: list[TensorSpec], what: 
         if np.issubdtype(spec.np_dtype, np.integer) and np.issubdtype(value.dtype, np.floating):
             msg = f"{what}: input {spec.name!r} has dtype {value.dtype}; the model expects {spec.dtype}"
             raise InvalidInputError(msg)
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = np.argwhere(~np.isfinite(value))[0]
+            msg = (
+                f"{what}: input {spec.name!r} holds NaN or infinite values (first at index {bad.tolist()}); "
+                "remove or replace them (TensorFlow's int8 calibrator crashes on them, and they are no one's input)"
+            )
+            raise InvalidInputError(msg)
         if rows is not None and got[0] != rows:
             msg = f"{what}: inputs have different numbers of samples ({spec.name!r} has {got[0]}, others {rows})"
             raise InvalidInputError(msg)

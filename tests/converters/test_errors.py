@@ -137,6 +137,21 @@ def test_calibration_of_wrong_dtype(cli_invoke: Invoke, digits_model: Path, tmp_
     assert "input 'pixels' has dtype <U1; expected numbers (float32), shape [-1, 64]" in r.output
 
 
+def test_calibration_with_infinite_values(cli_invoke: Invoke, digits_model: Path, tmp_path: Path) -> None:
+    """TensorFlow 2.21's int8 calibrator segfaults on -inf (tensorflow#120295): refused before any work."""
+    import numpy as np
+
+    data = np.random.default_rng(0).uniform(0, 1, (20, 64)).astype(np.float32)
+    data[3, 5] = -np.inf
+    path = tmp_path / "inf.npy"
+    np.save(path, data)
+    r = cli_invoke("convert", digits_model, "--profile", "raspberrypi", "--calibration", path, "-o", tmp_path / "o")
+    assert r.exit_code == 2
+    assert "input 'pixels' holds NaN or infinite values (first at index [3, 5]); remove or replace them" in r.output
+    one_line(r)
+    no_output_folder(tmp_path / "o")
+
+
 def test_mode_needing_calibration_without_it(cli_invoke: Invoke, digits_model: Path, tmp_path: Path) -> None:
     r = cli_invoke("convert", digits_model, "--profile", "raspberrypi", "--profile", "generic-cpu", "-o", tmp_path)
     assert r.exit_code == 2
