@@ -26,14 +26,36 @@ SourceKind = Literal["keras", "saved_model", "onnx"]
 _ONNX_SUFFIXES = {".onnx"}
 
 
+def _onnx_external_files(path: Path) -> list[Path]:
+    """The external data files an ONNX model names (torch.onnx.export writes ``model.onnx.data``)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - a bad file is reported by the loader, with its message
+        return []
+    names = {
+        entry.value
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    return sorted(path.parent / n for n in names if (path.parent / n).is_file())
+
+
 def _hash_path(path: Path) -> tuple[str, int]:
-    """sha256 and size of a file, or of a directory's files in a stable order (SavedModel)."""
+    """sha256 and size of a file (with an ONNX model's external data files), or of a directory's files
+    in a stable order (SavedModel)."""
     h = hashlib.sha256()
     size = 0
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+    else:
+        files = [path, *(_onnx_external_files(path) if path.suffix.lower() in _ONNX_SUFFIXES else [])]
     for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
+        if path.is_dir() or f != path:
+            h.update(str(f.relative_to(path if path.is_dir() else path.parent)).encode() + b"\0")
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)

@@ -220,7 +220,9 @@ def convert(
         notes.append(
             f"recurrent layers {layers} unrolled over their time steps for {profile.conversion.quantization} "
             "calibration (same weights, same outputs checked): TensorFlow's calibrator crashes (SIGSEGV) on "
-            "the while loop they export to"
+            "the while loop they export to. The unrolled graph has one copy of the cell's ops per time step, so "
+            'the file can be larger than the float model\'s; conversion.quantization = "dynamic" keeps the loop '
+            "and int8 weights"
         )
     try:
         return _convert_once(source, profile, calibration, static, engine, unroll=unroll), notes

@@ -73,6 +73,9 @@ def test_an_nchw_pytorch_cnn_converts_for_a_float_profile(zoo: Path, tmp_path: P
     (p,) = report["profiles"]
     _faithful(p)
     assert report["source"]["inputs"][0]["shape"] == [-1, 1, 8, 8]
+    # the weights live in model.onnx.data beside the model: the source's hash and size cover both
+    files = [zoo / "torch_cnn_nchw" / "model.onnx", zoo / "torch_cnn_nchw" / "model.onnx.data"]
+    assert report["source"]["size_bytes"] == sum(f.stat().st_size for f in files)
 
 
 @pytest.mark.parametrize(("name", "int8", "floating"), FAMILIES)
