@@ -8,6 +8,12 @@ queue holds at most ``max_enqueued_batches`` batches' worth of rows; beyond that
 refused at once (UnavailableError, HTTP 503), never left waiting. A batch that fails fails every
 request in it.
 
+When a batch that is not full closes is ``batch_timeout_policy``'s (``delay.py``): ``fixed`` is TF
+Serving's rule (its oldest request waited ``batch_timeout_micros``), ``adaptive`` (the default)
+also runs it early when waiting would not pay, from the arrival rate and the engine's cost per
+batch size (timed here at load, then from every batch that runs). Each batch's close reason
+(``full``, ``timeout``, ``early``) goes to the ``on_close`` callback (``/metrics``).
+
 Threads: requests are enqueued from any thread (usually the event loop); each of the
 ``num_batch_threads`` workers owns one backend instance (a LiteRT interpreter is not thread-safe)
 and runs batches. Results go back to asyncio callers with one ``call_soon_threadsafe`` per batch
@@ -23,22 +29,27 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from edgekit_runtime.backends import Backend
 from edgekit_runtime.bundle import BatchingSettings
+from edgekit_runtime.delay import ArrivalRate, BatchCosts, Decision, DelayPolicy
 from edgekit_runtime.errors import BackendError, EdgekitError, InvalidInputError, UnavailableError
+from edgekit_runtime.latency import sample_inputs
 
-__all__ = ["Batcher", "BatcherClosedError", "Outputs", "batch_sizes", "padded_sizes"]
+__all__ = ["Batcher", "BatcherClosedError", "Outputs", "batch_sizes", "measure_costs", "padded_sizes"]
 
 log = logging.getLogger("edgekit_runtime.batching")
 
 Outputs = dict[str, np.ndarray]
 Feeds = dict[str, np.ndarray]
 AnyFuture = asyncio.Future[Outputs] | concurrent.futures.Future[Outputs]
+Clock = Callable[[], float]
+#: a batch with batching off is one request, all a batch may then hold
+_ONE_REQUEST = Decision("full")
 
 
 class BatcherClosedError(UnavailableError):
@@ -50,12 +61,14 @@ class _Task:
 
     __slots__ = ("enqueued", "failed", "feeds", "future", "loop", "parts", "rows", "rows_done", "taken")
 
-    def __init__(self, feeds: Feeds, rows: int, future: AnyFuture, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(
+        self, feeds: Feeds, rows: int, future: AnyFuture, loop: asyncio.AbstractEventLoop | None, now: float
+    ) -> None:
         self.feeds = feeds
         self.rows = rows
         self.future = future
         self.loop = loop
-        self.enqueued = time.monotonic()
+        self.enqueued = now
         self.taken = 0
         self.rows_done = 0
         self.parts: list[tuple[int, Outputs]] = []
@@ -106,6 +119,22 @@ def batch_sizes(settings: BatchingSettings, backend: Backend) -> list[int]:
     return sorted({backend.fixed_batch or 1, settings.max_batch_size})
 
 
+def measure_costs(backend: Backend, sizes: Sequence[int], clock: Clock = time.perf_counter) -> dict[int, float]:
+    """Seconds one batch of each size takes on ``backend`` (the best of up to 3 runs, fewer past 50 ms):
+    the adaptive policy's starting point, before real batches refine it. Run after the warm-up."""
+    costs: dict[int, float] = {}
+    for size in sizes:
+        feeds = backend.prepare(sample_inputs(backend, size))
+        best, spent, runs = float("inf"), 0.0, 0
+        while runs < 3 and spent < 0.05:  # a few runs, in bounded time
+            start = clock()
+            backend.run_prepared(feeds)
+            took = clock() - start
+            best, spent, runs = min(best, took), spent + took, runs + 1
+        costs[size] = best
+    return costs
+
+
 def _resolve_many(items: list[tuple[AnyFuture, Outputs | None, BaseException | None]]) -> None:
     for fut, result, exc in items:
         if fut.done():
@@ -127,7 +156,15 @@ class Batcher:
         name: str = "model",
         on_batch: Callable[[int, int], None] | None = None,
         on_engine: Callable[[float], None] | None = None,
+        on_close: Callable[[str], None] | None = None,
+        costs: Mapping[int, float] | None = None,
+        clock: Clock = time.monotonic,
+        start: bool = True,
     ) -> None:
+        """``costs`` (batch size -> seconds) seeds the adaptive policy's cost model; without it the
+        batcher times every batch size once on the first backend. ``clock`` is the time of arrivals,
+        deadlines and batch costs. ``start=False`` starts no worker threads: ``step()`` runs batches
+        (tests drive the policy on a scripted clock so)."""
         if not backends:
             msg = "a batcher needs at least one backend"
             raise ValueError(msg)
@@ -147,14 +184,33 @@ class Batcher:
         self._closed = False
         self._on_batch = on_batch
         self._on_engine = on_engine  # seconds the engine took for each batch that ran
+        self._on_close = on_close
+        self._clock = clock
+        self._adaptive = settings.batch_timeout_policy == "adaptive" and self._merge and self._timeout > 0
+        if self._adaptive and costs is None:
+            costs = measure_costs(backends[0], batch_sizes(settings, backends[0]), clock)
+        self.costs = BatchCosts(costs or {}, allowed=self._allowed)
+        self.arrivals = ArrivalRate()
+        self.policy = DelayPolicy(
+            settings.batch_timeout_policy,
+            max_rows=self._max,
+            timeout_s=self._timeout,
+            costs=self.costs,
+            arrivals=self.arrivals,
+        )
         self._input_names = [s.name for s in backends[0].signature.inputs]
         self._backends = list(backends)
         self._threads = [
             threading.Thread(target=self._work, args=(b,), name=f"edgekit-batch-{name}-{i}", daemon=True)
             for i, b in enumerate(self._backends)
         ]
-        for t in self._threads:
-            t.start()
+        if start:
+            for t in self._threads:
+                t.start()
+
+    def set_on_close(self, on_close: Callable[[str], None] | None) -> None:
+        """Where each batch's close reason goes (the runtime wires its ``/metrics`` counter here)."""
+        self._on_close = on_close
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -173,13 +229,13 @@ class Batcher:
         ``feeds`` must already have the model's input names, dtypes and shapes (LoadedModel.prepare)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outputs] = loop.create_future()
-        self._enqueue(_Task(feeds, rows, fut, loop))
+        self._enqueue(_Task(feeds, rows, fut, loop, self._clock()))
         return fut
 
     def submit(self, feeds: Feeds, rows: int) -> concurrent.futures.Future[Outputs]:
         """Enqueue from any thread; the returned future resolves to this request's rows."""
         fut: concurrent.futures.Future[Outputs] = concurrent.futures.Future()
-        self._enqueue(_Task(feeds, rows, fut, None))
+        self._enqueue(_Task(feeds, rows, fut, None, self._clock()))
         return fut
 
     def _enqueue(self, task: _Task) -> None:
@@ -203,33 +259,55 @@ class Batcher:
             was_empty = not self._queue
             self._queue.append(task)
             self._queued += cost
+            if self._adaptive:
+                self.arrivals.arrive(task.enqueued, task.rows)
             if was_empty or not self._merge or self._queued >= self._max:
                 self._cond.notify()
 
     # -- working ------------------------------------------------------------------------------
 
+    def _decide(self) -> Decision:
+        """Close a batch of what is queued now, or wait (called with the lock held, queue not empty)."""
+        if not self._merge:
+            return _ONE_REQUEST
+        if self._closed:  # unloading: drain without waiting
+            return Decision("full" if self._queued >= self._max else "early")
+        return self.policy.decide(self._clock(), self._queued, self._queue[0].enqueued)
+
     def _work(self, backend: Backend) -> None:
         cond = self._cond
         while True:
             with cond:
-                while not self._queue and not self._closed:
-                    cond.wait()
-                if not self._queue:
-                    return  # closed and drained
-                if self._merge and self._timeout > 0 and self._queued < self._max and not self._closed:
-                    deadline = self._queue[0].enqueued + self._timeout
-                    while self._queue and self._queued < self._max and not self._closed:
-                        remaining = deadline - time.monotonic()
-                        if remaining <= 0:
-                            break
-                        cond.wait(remaining)
+                while True:
                     if not self._queue:
-                        continue  # another worker took them
+                        if self._closed:
+                            return  # closed and drained
+                        cond.wait()
+                        continue
+                    decision = self._decide()
+                    if decision.close is not None:
+                        break
+                    cond.wait(max(decision.until - self._clock(), 0.0))
                 items = self._take()
                 if self._queue:
                     cond.notify()  # more work than one batch: wake another worker
             if items:
-                self._run(backend, items)
+                self._run(backend, items, decision.close)
+
+    def step(self, backend: Backend | None = None) -> Decision | None:
+        """Decide once, at the clock's time and without waiting; when a batch closes, run it on this
+        thread (on ``backend``, else the first one). None when nothing is queued. For batchers made
+        with ``start=False``."""
+        with self._cond:
+            if not self._queue:
+                return None
+            decision = self._decide()
+            if decision.close is None:
+                return decision
+            items = self._take()
+        if items:
+            self._run(backend or self._backends[0], items, decision.close)
+        return decision
 
     def _take(self) -> list[tuple[_Task, int, int]]:
         """Pop up to one batch: whole requests, and the head of the next one if it does not fit."""
@@ -260,7 +338,7 @@ class Batcher:
         self._queued -= n
         return items
 
-    def _run(self, backend: Backend, items: list[tuple[_Task, int, int]]) -> None:
+    def _run(self, backend: Backend, items: list[tuple[_Task, int, int]], reason: str) -> None:
         """Run one batch and resolve every caller in it. Whatever fails (joining the rows, the engine,
         an output that does not split back, the metrics callback) fails this batch's callers that are
         still waiting, never the worker: a dead worker would leave every later request queued. The
@@ -269,15 +347,18 @@ class Batcher:
         padded = rows
         try:
             padded = self._pad_to(rows)
-            start = time.perf_counter()
+            start = self._clock()
             out = self._execute(backend, items, rows, padded)
-            engine_s = time.perf_counter() - start
+            engine_s = self._clock() - start
         except Exception as e:  # noqa: BLE001 - any failure fails this batch (logged in _failure), never the worker
             error = self._failure(e, rows)
-            self._record(rows, padded)
+            self._record(rows, padded, reason)
             self._fail(items, error)
             return
-        self._record(rows, padded)
+        self._record(rows, padded, reason)
+        if self._adaptive:
+            with self._cond:  # the policy reads the costs under this lock
+                self.costs.observe(padded, engine_s)
         if self._on_engine is not None:
             try:
                 self._on_engine(engine_s)
@@ -295,12 +376,14 @@ class Batcher:
         log.exception("batch of %d rows failed", rows, exc_info=e)
         return BackendError(f"the model failed to run: {type(e).__name__}: {e}")
 
-    def _record(self, rows: int, padded: int) -> None:
-        if self._on_batch is not None:
-            try:
+    def _record(self, rows: int, padded: int, reason: str) -> None:
+        try:  # metrics must never cost a caller its answer, nor the worker its life
+            if self._on_batch is not None:
                 self._on_batch(rows, padded)
-            except Exception:  # metrics must never cost a caller its answer, nor the worker its life
-                log.exception("the batch callback failed")
+            if self._on_close is not None:
+                self._on_close(reason)
+        except Exception:
+            log.exception("the batch callback failed")
 
     def _execute(self, backend: Backend, items: list[tuple[_Task, int, int]], rows: int, padded: int) -> Outputs:
         if len(items) == 1 and items[0][1] == 0 and items[0][2] == items[0][0].rows:
@@ -408,7 +491,7 @@ class Batcher:
             self._fail([(t, 0, t.rows) for t in dropped], UnavailableError("the model was unloaded; retry"))
         me = threading.current_thread()
         for t in self._threads:
-            if t is not me:
+            if t is not me and t.ident is not None:  # started (not so with start=False)
                 t.join(timeout)
         for b in self._backends:
             b.close()

@@ -34,6 +34,7 @@ __all__ = [
     "MODEL_FILES",
     "SCHEMA_VERSION",
     "SIGNATURE",
+    "BatchTimeoutPolicy",
     "BatchingSettings",
     "Bundle",
     "GoldenInfo",
@@ -93,12 +94,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: How long a batch that is not full waits (BatchingSettings.batch_timeout_policy); the first is the default.
+BatchTimeoutPolicy = Literal["adaptive", "fixed"]
+
+
 class BatchingSettings(_Strict):
     """TF Serving's batching knobs (session_bundle_config.proto), per model."""
 
     enabled: bool = True
     max_batch_size: int = Field(default=32, ge=1)
     batch_timeout_micros: int = Field(default=1000, ge=0)
+    #: "adaptive": batch_timeout_micros is the most a request waits, and a batch that is not full
+    #: runs early when waiting does not pay (batching.py); "fixed": TF Serving's semantics exactly.
+    batch_timeout_policy: BatchTimeoutPolicy = "adaptive"
     allowed_batch_sizes: list[int] = Field(default_factory=list)
     max_enqueued_batches: int = Field(default=16, ge=1)
     num_batch_threads: int = Field(default=1, ge=1)

@@ -14,11 +14,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import click
 
 from edgekit_runtime import __version__
+from edgekit_runtime.bundle import BatchTimeoutPolicy
 from edgekit_runtime.config import HTTP_SERVERS, BatchingOverrides, Config, load_config
 from edgekit_runtime.errors import EdgekitError, InvalidInputError
 
@@ -126,6 +127,11 @@ def _labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
 )
 @click.option("--max-batch-size", type=click.IntRange(min=1), help="rows per batch (all models)")
 @click.option("--batch-timeout-micros", type=click.IntRange(min=0), help="max wait of a batch's oldest request")
+@click.option(
+    "--batch-timeout-policy",
+    type=click.Choice(get_args(BatchTimeoutPolicy)),
+    help="adaptive: run a batch early when waiting does not pay; fixed: wait the timeout (TF Serving)",
+)
 @click.option("--max-enqueued-batches", type=click.IntRange(min=1), help="queue bound in batches; full -> 503")
 @click.option("--num-batch-threads", type=click.IntRange(min=1), help="batch worker threads, one engine each")
 @click.option("--allowed-batch-sizes", callback=_sizes, help="pad batches up to these sizes, e.g. 1,2,4,8 (last = max)")
@@ -185,6 +191,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     config_path: Path | None,
     max_batch_size: int | None,
     batch_timeout_micros: int | None,
+    batch_timeout_policy: BatchTimeoutPolicy | None,
     max_enqueued_batches: int | None,
     num_batch_threads: int | None,
     allowed_batch_sizes: list[int] | None,
@@ -230,6 +237,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         enabled=False if no_batching else None,
         max_batch_size=max_batch_size,
         batch_timeout_micros=batch_timeout_micros,
+        batch_timeout_policy=batch_timeout_policy,
         allowed_batch_sizes=allowed_batch_sizes,
         max_enqueued_batches=max_enqueued_batches,
         num_batch_threads=num_batch_threads,

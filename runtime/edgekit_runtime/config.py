@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgekit_runtime.bundle import BatchingSettings, RuntimeSettings
+from edgekit_runtime.bundle import BatchingSettings, BatchTimeoutPolicy, RuntimeSettings
 from edgekit_runtime.errors import InvalidInputError, NotFoundError
 
 if sys.version_info >= (3, 11):
@@ -43,6 +43,7 @@ class BatchingOverrides(_Strict):
     enabled: bool | None = None
     max_batch_size: int | None = Field(default=None, ge=1)
     batch_timeout_micros: int | None = Field(default=None, ge=0)
+    batch_timeout_policy: BatchTimeoutPolicy | None = None
     allowed_batch_sizes: list[int] | None = None
     max_enqueued_batches: int | None = Field(default=None, ge=1)
     num_batch_threads: int | None = Field(default=None, ge=1)

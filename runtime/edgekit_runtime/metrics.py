@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from threading import Lock
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
@@ -11,6 +11,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from edgekit_runtime.delay import CLOSE_REASONS
 from edgekit_runtime.livestats import Predictions, Window
 
 __all__ = ["CONTENT_TYPE", "Figures", "Metrics", "ModelMetrics"]
@@ -36,6 +37,12 @@ class ModelMetrics:
     batch_rows: Histogram
     padding_rows: Counter
     window: Window | None = None  # the telemetry interval's figures (livestats.py)
+    closed: Mapping[str, Counter] = field(default_factory=dict)  # batches by close reason
+
+    def on_close(self, reason: str) -> None:
+        counter = self.closed.get(reason)
+        if counter is not None:
+            counter.inc()
 
     def on_batch(self, rows: int, padded: int) -> None:
         self.batch_rows.observe(rows)
@@ -135,6 +142,13 @@ class Metrics:
             labels,
             registry=self.registry,
         )
+        self.batches = Counter(
+            "edgekit_batches",
+            "Executed batches by why they closed: full (max_batch_size rows), timeout (the oldest request "
+            "waited batch_timeout_micros), early (the adaptive policy ran it sooner)",
+            [*labels, "reason"],
+            registry=self.registry,
+        )
         self._queue = _QueueCollector()
         self.registry.register(self._queue)
         self._windows: dict[tuple[str, int], Window] = {}
@@ -159,6 +173,7 @@ class Metrics:
             batch_rows=self.batch_rows.labels(name, v),
             padding_rows=self.padding.labels(name, v),
             window=window,
+            closed={reason: self.batches.labels(name, v, reason) for reason in CLOSE_REASONS},
         )
 
     def windows(self) -> list[Window]:

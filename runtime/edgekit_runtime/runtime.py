@@ -265,9 +265,9 @@ class Runtime:
             settings = runtime_settings(
                 m.profile.runtime, self.config, m.name, flags=self._flags, threads=self._threads
             )
-            lm = LoadedModel.load(
-                bundle, settings, origin=cand.origin, key=cand.key, metrics=self.metrics.for_model(m.name, v)
-            )
+            metrics = self.metrics.for_model(m.name, v)
+            lm = LoadedModel.load(bundle, settings, origin=cand.origin, key=cand.key, metrics=metrics)
+            lm.batcher.set_on_close(metrics.on_close)  # before the switch: no batch has run yet
         except Exception as e:  # noqa: BLE001 - any failure of one version must leave the rest serving
             err = e if isinstance(e, EdgekitError) else EdgekitError(f"{type(e).__name__}: {e}")
             message = err.message
@@ -283,13 +283,14 @@ class Runtime:
         entry.status[v] = VersionStatus(v, AVAILABLE, origin=cand.origin, detail=detail)
         b = settings.batching
         log.info(
-            "serving %s v%d (%s; batching %s max_batch_size=%d timeout=%dus threads=%d)",
+            "serving %s v%d (%s; batching %s max_batch_size=%d timeout=%dus %s threads=%d)",
             entry.name,
             v,
             lm.smoke,
             "on" if b.enabled else "off",
             b.max_batch_size,
             b.batch_timeout_micros,
+            b.batch_timeout_policy,
             b.num_batch_threads,
         )
 

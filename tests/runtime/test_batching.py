@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
-import types
 from collections.abc import Callable
 
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from edgekit_runtime import batching
 from edgekit_runtime.backends import Backend
 from edgekit_runtime.batching import Batcher, batch_sizes
 from edgekit_runtime.bundle import BatchingSettings
@@ -162,7 +159,7 @@ def test_a_full_queue_refuses_at_once() -> None:
 
 def test_the_timeout_closes_a_batch_that_is_not_full() -> None:
     be = FakeBackend()
-    b = Batcher([be], settings(max_batch_size=64, batch_timeout_micros=20_000))
+    b = Batcher([be], settings(max_batch_size=64, batch_timeout_micros=20_000, batch_timeout_policy="fixed"))
     out = b.submit({"x": rows(1)}, 1).result(WAIT)
     assert out["y"].shape == (1, 2)
     assert be.batches == [1]
@@ -333,7 +330,8 @@ def test_a_failing_batch_callback_costs_no_caller_its_answer() -> None:
 
 def test_a_batch_that_is_not_full_waits_for_the_timeout_to_gather_rows() -> None:
     be = FakeBackend()
-    b = Batcher([be], settings(max_batch_size=4, batch_timeout_micros=600_000_000))  # ten minutes
+    fixed = settings(max_batch_size=4, batch_timeout_micros=600_000_000, batch_timeout_policy="fixed")  # ten minutes
+    b = Batcher([be], fixed)
     first = b.submit({"x": rows(1)}, 1)
     # a timeout of 0 would run the lone row at once; here it waits for company
     assert not be.started.wait(0.3)
@@ -859,14 +857,11 @@ def test_close_returns_once_the_workers_have_finished_the_queue() -> None:
     first.result(WAIT)  # type: ignore[attr-defined]
 
 
-def test_a_sub_second_timeout_waits_for_company_too(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_sub_second_timeout_waits_for_company_too() -> None:
     # the batcher's clock stands still: the timeout never runs out, only rows can close the batch
-    # (perf_counter, which times the engine's run for telemetry, keeps going)
-    monkeypatch.setattr(
-        batching, "time", types.SimpleNamespace(monotonic=lambda: 1000.0, perf_counter=time.perf_counter)
-    )
     be = FakeBackend()
-    b = Batcher([be], settings(max_batch_size=4, batch_timeout_micros=500_000))  # half a second
+    half_a_second = settings(max_batch_size=4, batch_timeout_micros=500_000, batch_timeout_policy="fixed")
+    b = Batcher([be], half_a_second, clock=lambda: 1000.0)
     first = b.submit({"x": rows(1)}, 1)
     assert not be.started.wait(0.3)  # waiting for company, not run at once
     rest = [b.submit({"x": rows(1, i)}, 1) for i in range(1, 4)]

@@ -126,6 +126,9 @@ def test_errors_are_one_line_with_exit_codes(bundles: dict[str, Path], tmp_path:
     r = CliRunner().invoke(cli, ["serve", str(bundles["mlp"]), "--config", str(cfg)])
     assert r.exit_code == 2
     assert "max_batch_sise" in r.output
+    r = CliRunner().invoke(cli, ["serve", str(bundles["mlp"]), "--batch-timeout-policy", "sometimes"])
+    assert r.exit_code == 2
+    assert "Invalid value for '--batch-timeout-policy': 'sometimes' is not one of 'adaptive', 'fixed'" in r.output
 
 
 def test_score_progress_goes_to_stderr(bundles: dict[str, Path], tmp_path: Path) -> None:

@@ -162,7 +162,9 @@ def test_a_full_queue_is_503_at_once_over_http(bundles: dict[str, Path], model_f
     3-row request waits in the queue for company; 2 more rows cannot fit and are refused at once."""
     rt = Runtime(
         [bundles["mlp"]],
-        batching=BatchingOverrides(max_batch_size=4, batch_timeout_micros=600_000_000, max_enqueued_batches=1),
+        batching=BatchingOverrides(
+            max_batch_size=4, batch_timeout_micros=600_000_000, batch_timeout_policy="fixed", max_enqueued_batches=1
+        ),
     )
     rt.start(poll_seconds=0)
     c = Client(create_app(rt))

@@ -65,6 +65,10 @@ def test_each_request_is_counted_once_with_its_latency_and_its_batch(served: tup
     assert value(text, "edgekit_batch_padding_rows_total", **MLP) == 1 + 1  # 3 -> 4 and 1 -> 2
     assert value(text, "edgekit_queue_depth", **MLP) == 0
     assert not any(name == "edgekit_request_errors_total" for name, _ in samples(text))
+    # the bundle's timeout is 0: the batches of 3 and 1 rows closed on it, the 8 rows were full
+    assert value(text, "edgekit_batches_total", reason="timeout", **MLP) == 2
+    assert value(text, "edgekit_batches_total", reason="full", **MLP) == 1
+    assert value(text, "edgekit_batches_total", reason="early", **MLP) == 0
 
 
 def test_failed_requests_are_counted_by_status_and_as_requests(served: tuple[Runtime, Client]) -> None:
@@ -108,6 +112,15 @@ def test_model_metrics_are_labelled_by_model_and_version() -> None:
     assert value(text, "edgekit_batch_size_count", **labels) == 2
     assert value(text, "edgekit_batch_size_sum", **labels) == 8
     assert value(text, "edgekit_batch_padding_rows_total", **labels) == 3
+    mm.on_close("early")
+    mm.on_close("early")
+    mm.on_close("full")
+    mm.on_close("no such reason")  # not a series of its own
+    assert {
+        r: value(text2 := m.render().decode(), "edgekit_batches_total", reason=r, **labels)
+        for r in ("full", "timeout", "early")
+    } == {"full": 1, "timeout": 0, "early": 2}
+    assert "no such reason" not in text2
     assert "_created" not in text  # disabled: they double the scrape for nothing
 
 
@@ -118,6 +131,8 @@ def test_the_metrics_describe_themselves() -> None:
     assert families["edgekit_batch_size"].type == "histogram"
     assert families["edgekit_batch_padding_rows"].type == "counter"
     assert families["edgekit_queue_depth"].type == "gauge"
+    assert families["edgekit_batches"].type == "counter"
+    assert "full (max_batch_size rows), timeout" in families["edgekit_batches"].documentation
     assert families["edgekit_queue_depth"].documentation == (
         "Rows waiting for a batch worker (requests when batching is off)"
     )
@@ -227,5 +242,9 @@ def test_every_metric_has_its_help_text() -> None:
         "edgekit_batch_size": "Rows per executed batch (before padding)",
         "edgekit_batch_padding_rows": "Dummy rows added to reach an allowed batch size",
         "edgekit_queue_depth": "Rows waiting for a batch worker (requests when batching is off)",
+        "edgekit_batches": (
+            "Executed batches by why they closed: full (max_batch_size rows), timeout (the oldest request "
+            "waited batch_timeout_micros), early (the adaptive policy ran it sooner)"
+        ),
     }
     assert value(m.render().decode(), "edgekit_request_errors_total", model="m", version="1", code="500") == 1

@@ -74,6 +74,7 @@ version_policy = { latest = 2 }
 threads = 1
 [models.mlp.batching]
 max_enqueued_batches = 4
+batch_timeout_policy = "fixed"
 [models.other]
 version_policy = "latest"
 [models.other.batching]
@@ -89,11 +90,20 @@ enabled = false
     assert s.batching.allowed_batch_sizes == [1, 2, 4, 8, 16]  # the new max extends the profile's sizes
     assert s.batching.batch_timeout_micros == 500
     assert s.batching.max_enqueued_batches == 4
+    assert s.batching.batch_timeout_policy == "fixed"
+    assert runtime_settings(profile, cfg, "other").batching.batch_timeout_policy == "adaptive"  # the default
+    flags = BatchingOverrides(batch_timeout_policy="adaptive")
+    assert runtime_settings(profile, cfg, "mlp", flags=flags).batching.batch_timeout_policy == "adaptive"
     s = runtime_settings(profile, cfg, "other", flags=BatchingOverrides(batch_timeout_micros=0), threads=2)
     assert not s.batching.enabled
     assert s.batching.batch_timeout_micros == 0
     assert s.threads == 2
     assert cfg.model("mlp").version_policy.select([1, 2, 3]) == {2, 3}
+    cfg_file.write_text('[batching]\nbatch_timeout_policy = "sometimes"\n')
+    with pytest.raises(
+        InvalidInputError, match=r"'batching.batch_timeout_policy': Input should be 'adaptive' or 'fixed'"
+    ):
+        load_config(cfg_file)
     cfg_file.write_text("[models.mlp]\nversion_policy = { latest = 1, specific = [1] }\n")
     with pytest.raises(InvalidInputError, match="version_policy"):
         load_config(cfg_file)

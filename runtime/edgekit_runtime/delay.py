@@ -1,0 +1,186 @@
+"""When a batch that is not full closes: the ``fixed`` and ``adaptive`` batching delay policies.
+
+Pure logic over measured facts, with the time passed in, so tests drive it on a scripted clock:
+
+- ``ArrivalRate``: rows per second arriving, from an EWMA of the gaps between requests (and of
+  rows per request). The gap since the last arrival counts as soon as it is longer than the
+  average, so a stream that stops is seen as stopping at once, not after many samples.
+- ``BatchCosts``: what one batch of n rows costs the engine, per batch size: measured at warm-up,
+  then updated (EWMA) from every batch that really runs; sizes in between are interpolated and
+  padding (``allowed_batch_sizes``) is charged at the padded size.
+- ``DelayPolicy.decide``: run now (and why: ``full``, ``timeout``, ``early``) or wait until when.
+
+The adaptive rule. With n rows queued and rows arriving at r per second, waiting w brings about
+k = r * w more rows. Running the n rows now and the k later costs c(n) + c(k) of engine time;
+waiting and running them together costs c(n + k) plus the wait itself. So waiting pays only while
+c(n) + c(k) - c(n + k) > w: the rows expected within the wait cut the cost per row (of those n + k
+rows) by more than the wait costs. The policy tries k = 1, 2, 4, ... up to a full batch, within
+what is left of ``batch_timeout_micros`` (still the most any request waits), and waits for the k
+that gains most; otherwise the batch runs now ("early"). It is decided again at every wake-up, and
+the arrival rate has by then seen whether the expected rows came. A worker only decides while it
+is idle: while it runs a batch, arriving rows simply fill the queue.
+
+What that gives: idle or lightly loaded (r * c(1) well under 1), every request runs at once, as
+with no delay; under load with an engine whose batches are cheap per row (weight-bound models),
+batches fill as with a tuned delay; for a compute-bound engine (cost proportional to rows),
+waiting never pays and batches run as soon as a worker is free.
+
+``fixed`` is TF Serving's rule exactly: a batch that is not full closes once its oldest request
+has waited ``batch_timeout_micros``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping, Sequence
+from typing import NamedTuple
+
+from edgekit_runtime.bundle import BatchTimeoutPolicy
+
+__all__ = ["CLOSE_REASONS", "ArrivalRate", "BatchCosts", "Decision", "DelayPolicy"]
+
+#: Why a batch closed: it held max_batch_size rows; its oldest request waited batch_timeout_micros;
+#: the adaptive policy ran it before (waiting would not pay, or the version is unloading).
+CLOSE_REASONS = ("full", "timeout", "early")
+
+_ALPHA = 1 / 16  # EWMA weight of one arrival gap: smooth over bursts of a few dozen requests
+_MIN_WAIT = 50e-6  # seconds
+_COST_ALPHA = 0.2  # EWMA weight of one measured batch: follow an engine that slows down (heat, load)
+
+
+class Decision(NamedTuple):
+    """``close`` is the reason to run the queued rows now, or None to wait until ``until`` at the latest."""
+
+    close: str | None
+    until: float = 0.0
+
+
+class ArrivalRate:
+    """Rows per second arriving at one model version (an EWMA of request gaps and rows per request)."""
+
+    __slots__ = ("_gap", "_last", "_rows")
+
+    def __init__(self) -> None:
+        self._gap: float | None = None
+        self._last: float | None = None
+        self._rows = 1.0
+
+    def arrive(self, now: float, rows: int) -> None:
+        last = self._last
+        if last is not None:
+            gap = max(now - last, 0.0)
+            self._gap = gap if self._gap is None else self._gap + _ALPHA * (gap - self._gap)
+        self._rows += _ALPHA * (rows - self._rows)
+        self._last = now
+
+    def rows_per_second(self, now: float) -> float:
+        """0 before two requests came; the gap since the last one counts once it is the longer."""
+        if self._gap is None or self._last is None:
+            return 0.0
+        gap = max(self._gap, now - self._last, 1e-9)
+        return self._rows / gap
+
+
+class BatchCosts:
+    """Seconds of engine time one batch costs, by rows; ``measured`` maps batch size -> seconds."""
+
+    def __init__(self, measured: Mapping[int, float], *, allowed: Sequence[int] = ()) -> None:
+        self._sizes: list[int] = []
+        self._secs: list[float] = []
+        self._allowed = list(allowed)
+        for size, secs in sorted(measured.items()):
+            self.observe(size, secs, alpha=1.0)
+
+    def observe(self, size: int, seconds: float, *, alpha: float = _COST_ALPHA) -> None:
+        """A batch of ``size`` rows (padded size) took ``seconds``: move that size's estimate toward it."""
+        if size < 1 or seconds < 0:
+            return
+        i = bisect.bisect_left(self._sizes, size)
+        if i < len(self._sizes) and self._sizes[i] == size:
+            self._secs[i] += alpha * (seconds - self._secs[i])
+        else:
+            self._sizes.insert(i, size)
+            self._secs.insert(i, seconds)
+
+    def measured(self) -> dict[int, float]:
+        return dict(zip(self._sizes, self._secs, strict=True))
+
+    def __call__(self, rows: float) -> float:
+        """The cost of a batch of ``rows`` (fractional: an expected count); 0 for none."""
+        if rows <= 0 or not self._sizes:
+            return 0.0
+        for size in self._allowed:  # padded up to the next allowed size
+            if size >= rows:
+                rows = size
+                break
+        sizes, secs = self._sizes, self._secs
+        i = bisect.bisect_left(sizes, rows)
+        if i < len(sizes) and sizes[i] == rows:
+            return secs[i]
+        if i == 0:  # below the smallest measured size: a straight line from (0, 0)
+            return secs[0] * rows / sizes[0]
+        if i == len(sizes):  # above the largest: the last segment's slope (or proportional)
+            if len(sizes) == 1:
+                return secs[0] * rows / sizes[0]
+            i -= 1
+        x0, x1, y0, y1 = sizes[i - 1], sizes[i], secs[i - 1], secs[i]
+        return y0 + (y1 - y0) * (rows - x0) / (x1 - x0)
+
+
+class DelayPolicy:
+    """Decides, for the rows queued now, whether a batch closes or waits (see the module's docstring)."""
+
+    def __init__(
+        self,
+        policy: BatchTimeoutPolicy,
+        *,
+        max_rows: int,
+        timeout_s: float,
+        costs: BatchCosts,
+        arrivals: ArrivalRate,
+    ) -> None:
+        self.policy = policy
+        self.max_rows = max_rows
+        self.timeout_s = timeout_s
+        self.costs = costs
+        self.arrivals = arrivals
+        candidates = []
+        k = 1
+        while k < max_rows:
+            candidates.append(k)
+            k *= 2
+        self._candidates = candidates
+
+    def decide(self, now: float, rows: int, oldest: float) -> Decision:
+        """``rows`` queued, the oldest enqueued at ``oldest`` (same clock as ``now``)."""
+        if rows >= self.max_rows:
+            return Decision("full")
+        deadline = oldest + self.timeout_s
+        left = deadline - now
+        if left <= 0:
+            return Decision("timeout")
+        if self.policy == "fixed":
+            return Decision(None, deadline)
+        rate = self.arrivals.rows_per_second(now)
+        if rate <= 0:
+            return Decision("early")
+        cost = self.costs
+        now_cost = cost(rows)
+        room = self.max_rows - rows
+        best_gain, best_wait = 0.0, 0.0
+        for more in (*(c for c in self._candidates if c < room), room):
+            k, wait = float(more), more / rate
+            if wait > left:
+                # not that many rows before the deadline: what is expected by then (a fraction of a
+                # row, at low rates) is the last choice
+                k, wait = rate * left, left
+            gain = now_cost + cost(k) - cost(rows + k) - wait
+            if gain > best_gain:
+                best_gain, best_wait = gain, wait
+            if wait >= left:
+                break
+        if best_gain <= 0:
+            return Decision("early")
+        # a floor on the sleep: at a very high rate the best wait is a few microseconds, and a
+        # worker that wakes that often only burns the cores the event loop needs to bring the rows
+        return Decision(None, min(now + max(best_wait, _MIN_WAIT), deadline))
