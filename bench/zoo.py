@@ -1,7 +1,8 @@
 """The compatibility matrix: every zoo model (bench/_zoo.py) converted for every bundled profile.
 
     python bench/zoo.py                  # all models x all profiles, writes docs/compatibility.md
-    python bench/zoo.py --smoke          # digits and lstm_tokens for generic-cpu and raspberrypi; writes nothing
+    python bench/zoo.py --smoke          # digits and lstm_tokens for generic-cpu and raspberrypi (auto:
+                                         # raspberrypi); writes nothing
     python bench/zoo.py --models lstm_tokens,transformer --profiles raspberrypi
 
 Each cell is one `edgekit convert` of that model for that profile (the pipeline, with
@@ -220,6 +221,8 @@ def main() -> None:
     args = ap.parse_args()
     models = ["digits", "lstm_tokens"] if args.smoke else args.models.split(",")
     profiles = ["generic-cpu", "raspberrypi"] if args.smoke else args.profiles.split(",")
+    if args.smoke:
+        args.auto_profiles = "raspberrypi"
     unknown = [m for m in models if m not in BUILDERS]
     if unknown:
         ap.error(f"unknown model(s) {', '.join(unknown)}; choose from {', '.join(BUILDERS)}")
