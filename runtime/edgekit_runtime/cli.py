@@ -142,6 +142,14 @@ def _labels(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) 
     "--poll-seconds", type=click.FloatRange(min=0), help="watch sources for new versions; 0 = off  [default: 2]"
 )
 @click.option("--log-level", type=click.Choice(_LOG_LEVELS, case_sensitive=False), default=None, help="[default: info]")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    metavar="N",
+    help="serving processes on the one port (SO_REUSEPORT), each with its own engines; "
+    "helps compute-bound models on several cores  [default: 1]",
+)
 @_trust_key_option
 @click.option("--broker", help="MQTT broker of the fleet, mqtt://HOST:PORT: runs the device agent (docs/ota.md)")
 @click.option("--device-id", help="this device's id on the broker (letters, digits, ._-)  [needs --broker]")
@@ -200,6 +208,7 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
     max_body_mb: float | None,
     poll_seconds: float | None,
     log_level: str | None,
+    workers: int | None,
     trust_keys: tuple[Path, ...],
     broker: str | None,
     device_id: str | None,
@@ -243,6 +252,29 @@ def serve(  # noqa: PLR0917 - click passes every option as an argument
         num_batch_threads=num_batch_threads,
     )
     runtime_keys = _trusted(trust_keys)
+    processes = srv.workers if workers is None else workers
+    if processes > 1:
+        if broker:
+            msg = "--workers above 1 does not run the device agent yet: drop --broker or --workers"
+            raise InvalidInputError(msg)
+        Runtime(all_sources, config=config, batching=flags, threads=threads).check_settings()
+        from edgekit_runtime.server.workers import WorkerSpec, supervise
+
+        spec = WorkerSpec(
+            sources=[str(p) for p in all_sources],
+            host=host or srv.host,
+            port=srv.port if port is None else port,
+            config=config.model_dump(mode="json"),
+            flags=flags.model_dump(mode="json", exclude_none=True),
+            threads=threads,
+            trust_keys=[str(p) for p in trust_keys] if trust_keys else None,
+            max_body_bytes=int((max_body_mb or srv.max_body_mb) * (1 << 20)),
+            poll_seconds=srv.poll_seconds if poll_seconds is None else poll_seconds,
+            log_level=level,
+            http=http_server,
+        )
+        supervise(spec, processes)
+        return
     first = all_sources[0]
     if broker and not first.exists() and first.suffix != ".ekb":
         # a new device: the agent installs into its store, so an empty one is where it starts

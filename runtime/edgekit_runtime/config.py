@@ -111,6 +111,7 @@ class ServerConfig(_Strict):
     poll_seconds: float = Field(default=2.0, ge=0, description="0 = do not watch sources for new versions")
     log_level: str = "info"
     sources: list[str] = Field(default_factory=list)
+    workers: int = Field(default=1, ge=1, description="serving processes on the one port (--workers)")
 
 
 class Config(_Strict):

@@ -8,13 +8,14 @@ from threading import Lock
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from edgekit_runtime.delay import CLOSE_REASONS
 from edgekit_runtime.livestats import Predictions, Window
 
-__all__ = ["CONTENT_TYPE", "Figures", "Metrics", "ModelMetrics"]
+__all__ = ["CONTENT_TYPE", "Figures", "Metrics", "ModelMetrics", "merge_expositions"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # *_created series double the scrape size for nothing a device dashboard uses.
@@ -212,3 +213,37 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+
+def merge_expositions(texts: Iterable[str]) -> bytes:
+    """Several processes' expositions (``--workers``) as one: each sample summed over the processes
+    by name and labels. Counters, and a histogram's buckets, sum and count, add up exactly (the
+    buckets are the same everywhere); the one gauge, ``edgekit_queue_depth``, becomes the rows
+    waiting in all processes together."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+            sums = values.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sample.labels.items()))
+                sums[key] = sums.get(key, 0.0) + sample.value
+    for name, family in families.items():
+        for (sample_name, labels), total in values[name].items():
+            family.add_sample(sample_name, dict(labels), total)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(list(families.values())))
+    return generate_latest(registry)

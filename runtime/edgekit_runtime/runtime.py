@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import Any
 
 from edgekit_runtime.batching import BatcherClosedError, Outputs
+from edgekit_runtime.bundle import BatchingSettings
 from edgekit_runtime.config import BatchingOverrides, Config, runtime_settings
 from edgekit_runtime.errors import (
     BundleError,
@@ -42,7 +43,7 @@ from edgekit_runtime.model import LoadedModel
 from edgekit_runtime.signing import PublicKey, verify_bundle
 from edgekit_runtime.store import Candidate, scan_source
 
-__all__ = ["LABELS", "Runtime", "Tap", "VersionStatus"]
+__all__ = ["LABELS", "Gate", "Runtime", "Tap", "VersionStatus"]
 
 log = logging.getLogger("edgekit_runtime")
 
@@ -55,6 +56,10 @@ LABELS = {
 }
 #: Called with (the version that answered, the request's inputs, its outputs); must not block.
 Tap = Callable[[LoadedModel, dict[str, Any], Outputs], None]
+#: Asked before a loaded version switches in, with (model, version, the version's content key, why
+#: it failed here or None): returns why it must not serve (it failed elsewhere), or None to serve.
+#: ``--workers`` uses it so that no serving process serves a version another one refused.
+Gate = Callable[[str, int, str, EdgekitError | None], EdgekitError | None]
 
 
 def _error_code(e: BaseException) -> str:
@@ -109,6 +114,7 @@ class Runtime:
         metrics: where to count requests and batches; a fresh registry by default.
         trusted_keys: when given, only versions signed by one of these keys load, however they
             reached the sources (an update, a file drop, the API); None = signatures not checked.
+        gate: asked before each loaded version switches in (and told of each that failed); see Gate.
     """
 
     def __init__(
@@ -120,8 +126,10 @@ class Runtime:
         threads: int | None = None,
         metrics: Metrics | None = None,
         trusted_keys: Sequence[PublicKey] | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.config = config or Config()
+        self._gate = gate
         self._trusted = list(trusted_keys) if trusted_keys is not None else None
         self._flags = batching
         self._threads = threads
@@ -270,18 +278,32 @@ class Runtime:
             lm.batcher.set_on_close(metrics.on_close)  # before the switch: no batch has run yet
         except Exception as e:  # noqa: BLE001 - any failure of one version must leave the rest serving
             err = e if isinstance(e, EdgekitError) else EdgekitError(f"{type(e).__name__}: {e}")
-            message = err.message
-            entry.failed[v] = cand.key
-            entry.errors[v] = err
-            entry.status[v] = VersionStatus(v, END, _error_code(e), message, cand.origin)
-            log.error("%s v%d failed to load and will not serve: %s", entry.name, v, message)
+            if self._gate is not None:
+                self._gate(entry.name, v, str(cand.key), err)  # the others must not serve it either
+            self._failed(entry, cand, err, e)
             return
+        if self._gate is not None:
+            refused = self._gate(entry.name, v, str(cand.key), None)
+            if refused is not None:
+                lm.close()
+                self._failed(entry, cand, refused, refused)
+                return
+        self._switch_in(entry, cand, lm, settings.batching, signed)
+
+    def _failed(self, entry: _Entry, cand: Candidate, err: EdgekitError, e: BaseException) -> None:
+        v = cand.version
+        entry.failed[v] = cand.key
+        entry.errors[v] = err
+        entry.status[v] = VersionStatus(v, END, _error_code(e), err.message, cand.origin)
+        log.error("%s v%d failed to load and will not serve: %s", entry.name, v, err.message)
+
+    def _switch_in(self, entry: _Entry, cand: Candidate, lm: LoadedModel, b: BatchingSettings, signed: str) -> None:
+        v = cand.version
         versions = {**entry.versions, v: lm}
         entry.versions = versions
         entry.default = entry.pick(versions)  # the switch: one reference assignment
         detail = lm.smoke + signed + "".join(f"; {n}" for n in lm.notes)
         entry.status[v] = VersionStatus(v, AVAILABLE, origin=cand.origin, detail=detail)
-        b = settings.batching
         log.info(
             "serving %s v%d (%s; batching %s max_batch_size=%d timeout=%dus %s threads=%d)",
             entry.name,

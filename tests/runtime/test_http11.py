@@ -386,8 +386,9 @@ def test_the_queued_rows_of_a_client_that_hangs_up_are_dropped(
     bundles: dict[str, Path], model_files: Models, linger: bytes | None
 ) -> None:
     p = free_port()
-    # batches of 4 rows that wait ten minutes for company: a 3-row request stays queued
-    proc = _serve(bundles["mlp"], p, "--max-batch-size", "4", "--batch-timeout-micros", "600000000")
+    # batches of 4 rows that wait ten minutes for company (TF Serving's rule): a 3-row request stays queued
+    wait = ("--batch-timeout-micros", "600000000", "--batch-timeout-policy", "fixed")
+    proc = _serve(bundles["mlp"], p, "--max-batch-size", "4", *wait)
     try:
         wait_ready(proc, p)
         rows_before = _metric(p, "edgekit_batch_size_sum")

@@ -76,8 +76,12 @@ class App:
         max_body_bytes: int = 64 << 20,
         on_startup: Callable[[], None] | None = None,
         on_shutdown: Callable[[], None] | None = None,
+        metrics_text: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
+        """``metrics_text``: what ``/metrics`` answers instead of this runtime's own metrics (a
+        process of ``--workers`` answers for all of them)."""
         self.runtime = runtime
+        self._metrics_text = metrics_text
         self.dp = DataPlane(runtime)
         self.max_body_bytes = max_body_bytes
         self._on_startup = on_startup
@@ -192,7 +196,8 @@ class App:
             return json_reply(dp.server_metadata())
         if path == "/metrics":
             _method(method, "GET")
-            return Reply(200, self.runtime.metrics.render(), CONTENT_TYPE.encode())
+            text = self.runtime.metrics.render() if self._metrics_text is None else await self._metrics_text()
+            return Reply(200, text, CONTENT_TYPE.encode())
         if path == "/openapi.json":
             _method(method, "GET")
             return json_reply(openapi(self.dp))

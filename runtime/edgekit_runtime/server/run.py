@@ -19,7 +19,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -36,14 +36,22 @@ _GC_THRESHOLD = 50_000
 log = logging.getLogger("edgekit_runtime.server")
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket; UnavailableError naming the port when it is taken."""
+def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A listening TCP socket; UnavailableError naming the port when it is taken.
+
+    ``reuse_port``: SO_REUSEPORT, so several processes (``--workers``) listen on one port and the
+    kernel spreads the connections. ``listen=False`` only reserves the port: the supervisor holds
+    it so a busy port fails at once, and takes no connections (Linux spreads them over listening
+    sockets only)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
-        sock.listen(2048)
+        if listen:
+            sock.listen(2048)
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
@@ -65,13 +73,17 @@ def serve(
     log_level: str = "info",
     http: str = "native",
     on_loaded: Callable[[], object] | None = None,
+    reuse_port: bool = False,
+    metrics_text: Callable[[], Awaitable[bytes]] | None = None,
 ) -> None:
-    """Serve until interrupted: bind, start the HTTP server, load models in the background, close on exit."""
+    """Serve until interrupted: bind, start the HTTP server, load models in the background, close on exit.
+
+    ``reuse_port`` and ``metrics_text`` (what ``/metrics`` answers) are for a process of ``--workers``."""
     if http not in HTTP_SERVERS:
         msg = f"unknown HTTP server {http!r}; choose one of {', '.join(HTTP_SERVERS)}"
         raise ValueError(msg)
     check_http_server(http)
-    sock = bind(host, port)
+    sock = bind(host, port, reuse_port=reuse_port)
     bound_port = sock.getsockname()[1]
     stopper = _Stopper()
     failure: list[EdgekitError] = []
@@ -96,7 +108,13 @@ def serve(
             loader.join()
         runtime.close()
 
-    app = create_app(runtime, max_body_bytes=max_body_bytes, on_startup=loader.start, on_shutdown=on_shutdown)
+    app = create_app(
+        runtime,
+        max_body_bytes=max_body_bytes,
+        on_startup=loader.start,
+        on_shutdown=on_shutdown,
+        metrics_text=metrics_text,
+    )
     # The batch workers and the event loop share the GIL: hand it over faster than the 5 ms
     # default so a worker whose engine call just returned does not wait for the loop's time slice.
     sys.setswitchinterval(0.001)
