@@ -15,9 +15,10 @@ k = r * w more rows. Running the n rows now and the k later costs c(n) + c(k) of
 waiting and running them together costs c(n + k) plus the wait itself. So waiting pays only while
 c(n) + c(k) - c(n + k) > w: the rows expected within the wait cut the cost per row (of those n + k
 rows) by more than the wait costs. The policy tries k = 1, 2, 4, ... up to a full batch, within
-what is left of ``batch_timeout_micros`` (still the most any request waits), and waits for the k
-that gains most; otherwise the batch runs now ("early"). It is decided again at every wake-up, and
-the arrival rate has by then seen whether the expected rows came. A worker only decides while it
+what is left of ``batch_timeout_micros`` (still the most any request waits; at least one row must
+be expected by then), and waits for the k that gains most; otherwise the batch runs now
+("early"). It is decided again at every wake-up, and the arrival rate has by then seen whether
+the expected rows came. A worker only decides while it
 is idle: while it runs a batch, arriving rows simply fill the queue.
 
 What that gives: idle or lightly loaded (r * c(1) well under 1), every request runs at once, as
@@ -168,17 +169,15 @@ class DelayPolicy:
         now_cost = cost(rows)
         room = self.max_rows - rows
         best_gain, best_wait = 0.0, 0.0
-        for more in (*(c for c in self._candidates if c < room), room):
-            k, wait = float(more), more / rate
+        for k in (*(c for c in self._candidates if c < room), room):
+            wait = k / rate
             if wait > left:
-                # not that many rows before the deadline: what is expected by then (a fraction of a
-                # row, at low rates) is the last choice
-                k, wait = rate * left, left
+                # Not even that many rows before the deadline. Waiting for less than one expected
+                # row is not tried: a client that sends one request at a time never sends it.
+                break
             gain = now_cost + cost(k) - cost(rows + k) - wait
             if gain > best_gain:
                 best_gain, best_wait = gain, wait
-            if wait >= left:
-                break
         if best_gain <= 0:
             return Decision("early")
         # a floor on the sleep: at a very high rate the best wait is a few microseconds, and a

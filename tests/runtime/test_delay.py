@@ -152,17 +152,16 @@ def test_adaptive_stops_waiting_when_the_expected_rows_do_not_come() -> None:
     assert now - last < 2 * MS  # about the saving at stake (1 ms), far short of the 50 ms timeout
 
 
-def test_adaptive_waits_for_a_fraction_of_a_row_only_while_it_pays() -> None:
-    # one row expected only after the deadline: what is expected by then still decides
+def test_adaptive_never_waits_for_less_than_one_expected_row() -> None:
+    # a very slow engine would gain from the 0.8 rows expected before the deadline, on average;
+    # but a client sending one request at a time never sends it while its request waits
     slow_engine = {1: 10.0 * MS, 32: 12.0 * MS}
     p = policy(slow_engine, timeout_ms=1.0)
     last = arrive_every(p, 1.25 * MS, 100)  # 800 rows/s: 0.8 rows expected within the 1 ms
-    d = p.decide(last, 1, last)
-    assert d == (None, pytest.approx(last + 1.0 * MS))
-    cheap_engine = {1: 0.1 * MS, 32: 0.2 * MS}
-    p = policy(cheap_engine, timeout_ms=1.0)
-    last = arrive_every(p, 1.25 * MS, 100)
     assert p.decide(last, 1, last).close == "early"
+    p = policy(slow_engine, timeout_ms=2.0)  # with 1.6 rows expected, one is worth the wait
+    last = arrive_every(p, 1.25 * MS, 100)
+    assert p.decide(last, 1, last) == (None, pytest.approx(last + 1.25 * MS))
 
 
 def test_the_policy_is_validated_at_the_boundary() -> None:
