@@ -44,6 +44,31 @@ from _servers import (
     powers_of_two,
 )
 
+
+@dataclass(frozen=True)
+class Batching(BatchConfig):
+    """``BatchConfig`` with the batching delay's policy and ``--workers``. The policy defaults to
+    ``fixed`` here: scenarios 1-4 were tuned and written with fixed delays (TF Serving's rule), and
+    the runtime's own default became ``adaptive`` after them. ``bench/sweep.py`` compares the two."""
+
+    batch_timeout_policy: str = "fixed"
+    workers: int = 1
+
+    def flags(self) -> list[str]:
+        out = super().flags()
+        if self.enabled:
+            out.append(f"--batch-timeout-policy={self.batch_timeout_policy}")
+        if self.workers > 1:
+            out.append(f"--workers={self.workers}")
+        return out
+
+    def describe(self) -> str:
+        text = super().describe()
+        if self.enabled and self.batch_timeout_policy == "adaptive":
+            text = text.replace("timeout", "adaptive, at most")
+        return text + (f", {self.workers} workers" if self.workers > 1 else "")
+
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -502,7 +527,7 @@ def scenario_1(ctx: Context) -> None:
     name = f"{spec.name}-tflite"
     expected = raw_expected("tflite", d, x32, ctx.threads)
     binary = v2_binary(name, "x", x32, "output_0")
-    off = BatchConfig(enabled=False, max_enqueued_batches=conc)
+    off = Batching(enabled=False, max_enqueued_batches=conc)
     with serving(ctx, [bundle], off, "s1-off") as srv:
         base = load_row(
             ctx,
@@ -520,16 +545,14 @@ def scenario_1(ctx: Context) -> None:
     # One batch size only: every LiteRT interpreter packs its own copy of the weights, so for a
     # weight-bound model one hot interpreter beats several cold ones (see docs/serving.md). Max 32
     # at concurrency 64 keeps two batches in flight: one runs while the other fills.
-    tuned = BatchConfig(
-        max_batch_size=32, batch_timeout_micros=2000, max_enqueued_batches=16, allowed_batch_sizes=(32,)
-    )
+    tuned = Batching(max_batch_size=32, batch_timeout_micros=2000, max_enqueued_batches=16, allowed_batch_sizes=(32,))
     configs: list[tuple[BatchConfig, list[Payload]]] = [(tuned, [binary, tf_rest_json(name, x64, "output_0")])]
     if not ctx.smoke:
         configs += [
             # TF Serving's usual shape: max = concurrency, every power of two allowed.
             *[
                 (
-                    BatchConfig(
+                    Batching(
                         max_batch_size=64,
                         batch_timeout_micros=t,
                         max_enqueued_batches=16,
@@ -668,7 +691,7 @@ def scenario_2(ctx: Context) -> None:
     ]
     if not ctx.smoke:
         configs += [(f"s2-max{m}", mobilenet_batching(m), ctx.threads, [binary]) for m in (8,) if m != best]
-        configs.append(("s2-off", BatchConfig(enabled=False), ctx.threads, [binary]))
+        configs.append(("s2-off", Batching(enabled=False), ctx.threads, [binary]))
     for label, cfg, threads, payloads in configs:
         with edgekit_server([bundle], batching=cfg, threads=threads, log_dir=ctx.log_dir, label=label) as srv:
             for p in payloads:
@@ -705,7 +728,7 @@ def mobilenet_batching(max_batch_size: int = 8) -> BatchConfig:
     """A compute-bound CNN gains little from big batches: the engine's best batch is small (4-8 here),
     and at concurrency 16 a small max keeps full batches in flight. (A max of 16 alternates around 8
     rows and pads 9..15 up to 16: wasted compute.)"""
-    return BatchConfig(
+    return Batching(
         max_batch_size=max_batch_size,
         batch_timeout_micros=1000,
         max_enqueued_batches=16,
@@ -753,8 +776,8 @@ def scenario_3(ctx: Context) -> None:
 
     # Concurrency 1: what the server adds over a raw invoke.
     single = [
-        BatchConfig(enabled=False, max_enqueued_batches=16),
-        BatchConfig(max_batch_size=32, batch_timeout_micros=0, allowed_batch_sizes=powers_of_two(32)),
+        Batching(enabled=False, max_enqueued_batches=16),
+        Batching(max_batch_size=32, batch_timeout_micros=0, allowed_batch_sizes=powers_of_two(32)),
     ]
     for cfg in single:
         with serving(ctx, [tfl], cfg, f"s3-c1-{'on' if cfg.enabled else 'off'}") as srv:
@@ -779,7 +802,7 @@ def scenario_3(ctx: Context) -> None:
 
     # Concurrency 64, JSON bodies, against MLServer with adaptive batching (max 32, 2 ms).
     conc = 64
-    cfg = BatchConfig(
+    cfg = Batching(
         max_batch_size=32, batch_timeout_micros=2000, max_enqueued_batches=16, allowed_batch_sizes=powers_of_two(32)
     )
     ml = mlserver_row(ctx, 3, spec, d / "model.onnx", name_o, v2_json(name_o, "x", x64, "output_0"), exp_o, conc)
