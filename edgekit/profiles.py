@@ -22,6 +22,7 @@ else:  # Python 3.10 (JetPack 6's Ubuntu 22.04)
 
 TFLITE_MODES = ("float32", "float16", "dynamic", "int8", "int8-only", "int16x8")
 ONNX_MODES = ("float32", "float16", "dynamic-int8", "static-int8")
+MODES = {"tflite": TFLITE_MODES, "onnx": ONNX_MODES}
 _NEEDS_CALIBRATION = {"int8", "int8-only", "int16x8", "static-int8"}
 # Modes where single layers may stay in float (conversion.float_layers): full integer with float fallback.
 FLOAT_FALLBACK_MODES = {"int8", "int16x8", "static-int8"}
@@ -118,7 +119,7 @@ class Profile(_Strict):
     @model_validator(mode="after")
     def _coherent(self) -> Profile:
         c = self.conversion
-        modes = TFLITE_MODES if c.format == "tflite" else ONNX_MODES
+        modes = MODES[c.format]
         if c.quantization not in modes:
             msg = f"conversion.quantization {c.quantization!r} is not a {c.format} mode; use one of {', '.join(modes)}"
             raise ValueError(msg)

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from edgekit.errors import EdgekitError, InvalidInputError
-from edgekit.profiles import _NEEDS_CALIBRATION, FLOAT_FALLBACK_MODES, ONNX_MODES, TFLITE_MODES, Profile
+from edgekit.profiles import _NEEDS_CALIBRATION, FLOAT_FALLBACK_MODES, MODES, Profile
 from edgekit_converters import to_onnx, to_tflite
 from edgekit_converters.sources import Source
 from edgekit_runtime.bundle import Bundle
@@ -32,25 +32,32 @@ FALLBACK_STEPS = (1, 2, 4, 8)  # layers kept in float, in turn
 _ACCURACY = {"max_accuracy_drop_points", "min_top1_agreement", "min_cosine_similarity"}
 
 
-def check_option(value: str, profiles: list[Profile]) -> None:
-    """``--quantization`` is auto or a mode every chosen profile's format has."""
-    if value == AUTO:
-        return
+def apply_option(value: str | None, profiles: list[Profile]) -> list[Profile]:
+    """The profiles as ``--quantization`` makes them, checked before any work: unchanged for none or
+    auto (the search applies its modes itself), else each with that mode, which must be one of its
+    format's and possible for it (e.g. not float16 for a profile with int8 I/O)."""
+    if value is None or value == AUTO:
+        return profiles
     for p in profiles:
-        modes = TFLITE_MODES if p.conversion.format == "tflite" else ONNX_MODES
+        modes = MODES[p.conversion.format]
         if value not in modes:
             msg = (
                 f"--quantization {value}: not a {p.conversion.format} mode (profile {p.name}); "
                 f"use auto or one of {', '.join(modes)}"
             )
             raise InvalidInputError(msg)
+    return [with_mode(p, value) for p in profiles]
 
 
-def may_calibrate(profile: Profile, value: str | None) -> bool:
-    """Whether the run must have calibration data for ``profile`` (auto skips modes it lacks data for)."""
-    if value is None:
-        return profile.conversion.needs_calibration
-    return value != AUTO and value in _NEEDS_CALIBRATION
+def needs_calibration(profile: Profile, value: str | None) -> bool:
+    """Whether the run must have calibration data for ``profile`` (as apply_option left it; auto skips
+    the modes it lacks data for)."""
+    return value != AUTO and profile.conversion.needs_calibration
+
+
+def _only_accuracy(failed: list[str]) -> bool:
+    """Whether every failed budget of a try is an accuracy one (keeping layers in float may help)."""
+    return all(f.split()[0] in _ACCURACY or f.startswith("cosine") for f in failed)
 
 
 def with_mode(profile: Profile, mode: str, float_layers: list[str] | None = None) -> Profile:
@@ -144,8 +151,7 @@ def search(source: Source, profile: Profile, **kwargs: Any) -> tuple[Any, Bundle
         if not got[0]["failed"]:
             winner = got
             break
-        only_accuracy = all(f.split()[0] in _ACCURACY or f.startswith("cosine") for f in got[0]["failed"])
-        if mode in FLOAT_FALLBACK_MODES and only_accuracy:
+        if mode in FLOAT_FALLBACK_MODES and _only_accuracy(got[0]["failed"]):
             winner = _fallback(source, profile, mode, kwargs, attempt, tries)
             if winner is not None:
                 break
@@ -200,7 +206,7 @@ def _fallback(  # noqa: PLR0917 - one private call site
             return None
         if not got[0]["failed"]:
             return got
-        if not all(f.split()[0] in _ACCURACY or f.startswith("cosine") for f in got[0]["failed"]):
+        if not _only_accuracy(got[0]["failed"]):
             return None  # keeping layers in float now breaks size or latency: more would not help
     return None
 
@@ -212,7 +218,7 @@ def _describe(entry: dict[str, Any]) -> str:
 
 
 def _reason(entry: dict[str, Any], tries: list[dict[str, Any]]) -> str:
-    earlier = [t for t in tries if t is not entry and tries.index(t) < tries.index(entry)]
+    earlier = tries[: tries.index(entry)]
     why = "the first try within every budget" if not entry["failed"] else "no try was within budget; the closest"
     text = f"chose {_describe(entry)}: {why}"
     if entry.get("accuracy") is not None:

@@ -347,9 +347,8 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
     model = Path(model)
     out_dir = Path(options.output_dir)
     norm, labels = _parse_processing(options)
-    if options.quantization is not None:
-        auto.check_option(options.quantization, profiles)
-    needing = [p.name for p in profiles if auto.may_calibrate(p, options.quantization)]
+    profiles = auto.apply_option(options.quantization, profiles)
+    needing = [p.name for p in profiles if auto.needs_calibration(p, options.quantization)]
     with (
         output_dir(out_dir),
         tempfile.TemporaryDirectory(prefix="edgekit-convert-") as tmp,
@@ -419,8 +418,7 @@ def run(model: Path, profiles: list[Profile], options: Options, reporter: Report
                 if options.quantization == "auto":
                     result, bundle = auto.search(source, profile, **kwargs)
                 else:
-                    chosen = profile if options.quantization is None else auto.with_mode(profile, options.quantization)
-                    result, bundle = convert_profile(source, chosen, **kwargs)
+                    result, bundle = convert_profile(source, profile, **kwargs)
             except EngineCrashError as e:
                 c = profile.conversion
                 report.failed.append(ProfileFailure(profile.name, c.format, c.quantization, e))

@@ -132,7 +132,14 @@ def _debugger(tf: Any, conv: Any, calibration: Dataset, samples: int, options: A
     debugger = tf.lite.experimental.QuantizationDebugger(converter=conv, debug_dataset=gen, debug_options=options)
     for detail in debugger._quant_interpreter.get_input_details():
         name = detail["name"].removeprefix("serving_default_").rsplit(":", 1)[0]
-        order.append(name if name in feeds[0] else next(iter(feeds[0])))
+        if name not in feeds[0]:
+            if len(feeds[0]) != 1:  # several inputs: guessing would feed one input another's data
+                msg = (
+                    f"cannot tell which input the quantized model's {detail['name']!r} is (inputs: {sorted(feeds[0])})"
+                )
+                raise ConversionError(msg)
+            name = next(iter(feeds[0]))
+        order.append(name)
     return debugger
 
 
@@ -164,13 +171,19 @@ def sensitivity(
     source: Source, profile: Profile, calibration: Dataset, engine: EngineSteps
 ) -> list[tuple[str, str, float]]:
     """layer_errors for the SavedModel the conversion uses (the same static batch / unrolling)."""
-    c = profile.conversion
-    unroll = bool(c.unroll_recurrent and source.recurrent_layers)
-    static = c.static_batch or (1 if source.recurrent_layers and not unroll else None)
+    unroll = _unrolls(source, profile, calibration)
+    static = profile.conversion.static_batch or (1 if source.recurrent_layers and not unroll else None)
     saved = source.saved_model(static, unroll=unroll)
     step = Step("per-layer quantization error (QuantizationDebugger)", "a mode without calibration")
     result: list[tuple[str, str, float]] = engine.call(step, layer_errors, saved, profile, calibration)
     return result
+
+
+def _unrolls(source: Source, profile: Profile, calibration: Dataset | None) -> bool:
+    """Whether the conversion unrolls the source's recurrent layers: a calibrated mode, calibration data,
+    conversion.unroll_recurrent, and Keras recurrent layers."""
+    c = profile.conversion
+    return bool(calibration is not None and c.needs_calibration and c.unroll_recurrent and source.recurrent_layers)
 
 
 def _step(profile: Profile, static_batch: int | None, *, unrolled: bool = False) -> Step:
@@ -213,8 +226,7 @@ def convert(
     those layers unrolled (TensorFlow 2.21's calibrator crashes on the while loop they export to)."""
     static = profile.conversion.static_batch
     notes: list[str] = []
-    c = profile.conversion
-    unroll = bool(calibration is not None and c.needs_calibration and c.unroll_recurrent and source.recurrent_layers)
+    unroll = _unrolls(source, profile, calibration)
     if unroll:
         layers = ", ".join(source.recurrent_layers)
         notes.append(
