@@ -34,11 +34,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from _servers import edgekit_server
+from _load import run_wrk
+from _servers import Server, edgekit_server
 from serve import (
     RESULTS,
     Batching,
     Context,
+    Payload,
     Row,
     _input_name,
     environment,
@@ -89,19 +91,25 @@ def sweep_subject(ctx: Context, subject: Subject, concurrency: tuple[int, ...], 
     sizes = tuple(s for s in (1, 2, 4, 8, 16, 32) if s <= subject.max_batch_size)
     raw = raw_sweep(ctx, spec, model_dir, subject.fmt, sizes)
     raw_best = raw_row(ctx, 5, spec, subject.fmt, raw).rps
+    raw_cores = _cores_at_best(raw)
     raw_b1_p50 = raw[1]["p50_ms"]
     if subject.parallel_raw:
         par = raw_sweep(ctx, spec, model_dir, subject.fmt, sizes, parallel=True)
-        raw_best = max(raw_best, raw_row(ctx, 5, spec, subject.fmt, par, parallel=True).rps)
+        par_best = raw_row(ctx, 5, spec, subject.fmt, par, parallel=True).rps
+        if par_best > raw_best:
+            raw_best, raw_cores = par_best, _cores_at_best(par)
     bundle = ctx.bundle(spec, model_dir, subject.fmt)
     name = f"{spec.name}-{subject.fmt}"
     _, x32 = sample_input(spec)
     expected = raw_expected(subject.fmt, model_dir, x32, ctx.threads)
     payload = v2_binary(name, _input_name(bundle), x32, "output_0")
     cells: dict[tuple[str, int], Row] = {}
+    floor: dict[int, Floor] = {}
     for label, cfg, threads in settings(subject, timeout_us, ctx.threads):
         tag = f"s5-{spec.name}-{label.replace(' ', '').replace('--', '')}"
         with edgekit_server([bundle], batching=cfg, threads=threads, log_dir=ctx.log_dir, label=tag) as srv:
+            if label == "adaptive":
+                floor = transport_floor(ctx, srv, payload, concurrency, spec.describe())
             for c in concurrency:
                 row = load_row(
                     ctx,
@@ -117,7 +125,50 @@ def sweep_subject(ctx: Context, subject: Subject, concurrency: tuple[int, ...], 
                 )
                 row.threads = threads
                 cells[label, c] = row
-    return verdicts(spec.describe(), cells, concurrency, raw_b1_p50, raw_best, subject)
+    return verdicts(spec.describe(), cells, concurrency, raw_b1_p50, raw_best, subject, floor, raw_cores)
+
+
+def _cores_at_best(sweep: dict[int, dict]) -> float:
+    """Cores the raw engine used at its best batch size (at least 1: a one-thread engine's reading)."""
+    best = max(sweep.values(), key=lambda s: s["rows_per_s"])
+    return max(1.0, float(best["cpu_self"]))
+
+
+@dataclass(frozen=True)
+class Floor:
+    """The transport alone: the same request body sent to a model that does not exist, so the
+    server reads all of it and answers 404 without decoding it or running anything."""
+
+    p50_ms: float
+    core_ms_per_req: float  # CPU of the whole machine (server, wrk, kernel) per request
+
+
+def transport_floor(
+    ctx: Context, srv: Server, payload: Payload, concurrency: tuple[int, ...], model: str
+) -> dict[int, Floor]:
+    out: dict[int, Floor] = {}
+    absent = payload.path.replace("/v2/models/", "/v2/models/absent-", 1)
+    for c in sorted({1, 16} & set(concurrency)):
+        r = run_wrk(
+            srv.url(absent),
+            payload.body,
+            payload.headers,
+            connections=c,
+            duration_s=max(1.0, ctx.duration / 2),
+            server_pid=srv.pid,
+            work_dir=ctx.work_dir / "wrk",
+        )
+        rate = r.requests / r.duration_s if r.duration_s else 0.0
+        cores = r.server_cores + r.wrk_cores + r.other_cores
+        out[c] = Floor(r.p50_ms, 1e3 * cores / rate if rate else float("nan"))
+        print(
+            f"[5] transport floor {model} c={c}: {rate:,.0f} req/s "
+            f"(404s after reading the {len(payload.body):,} B body), "
+            f"p50 {r.p50_ms:.2f} ms, {out[c].core_ms_per_req:.3f} core-ms/req (server {r.server_cores:.2f} + wrk "
+            f"{r.wrk_cores:.2f} + other {r.other_cores:.2f} cores)",
+            flush=True,
+        )
+    return out
 
 
 def verdicts(
@@ -127,6 +178,8 @@ def verdicts(
     raw_b1_p50: float,
     raw_best: float,
     subject: Subject,
+    floor: dict[int, Floor],
+    raw_cores: float,
 ) -> list[str]:
     lines = []
     for c in concurrency:
@@ -146,6 +199,12 @@ def verdicts(
             f"{model} c=1: adaptive p50 {a.p50_ms:.2f} ms - raw batch-1 p50 {raw_b1_p50:.2f} ms = {over:.2f} ms "
             f"-> {'PASS' if over <= 0.3 else 'FAIL'} (at most 0.3 ms)"
         )
+        if 1 in floor:
+            own = over - floor[1].p50_ms
+            lines.append(
+                f"{model} c=1: of those {over:.2f} ms, the transport floor (the same body answered 404 unread) "
+                f"is {floor[1].p50_ms:.2f} ms p50, leaving {own:.2f} ms for decoding, batching and encoding"
+            )
     if subject.parallel_raw and 16 in concurrency:
         best = max((r for (_, c), r in cells.items() if c == 16), key=lambda r: r.rps)
         share = best.rps / raw_best
@@ -153,6 +212,16 @@ def verdicts(
             f"{model} c=16: best edgekit row ({best.who}) {best.rps:,.0f}/s = {share:.0%} of the better raw "
             f"configuration {raw_best:,.0f} rows/s -> {'PASS' if share >= 0.95 else 'FAIL'} (at least 95 %)"
         )
+        if 16 in floor:
+            # what a server that only read each body could reach: the cores the raw engine used,
+            # shared between its cost per row and the transport's cost per request
+            ceiling = raw_cores / (raw_cores / raw_best + floor[16].core_ms_per_req / 1e3)
+            lines.append(
+                f"{model} c=16: the transport floor costs {floor[16].core_ms_per_req:.3f} core-ms per request "
+                f"(raw engine: {1e3 * raw_cores / raw_best:.2f} core-ms per row on {raw_cores:.2f} cores), so a "
+                f"server that only read the bodies could reach {ceiling:,.0f} rows/s = {ceiling / raw_best:.0%} of "
+                f"raw; the best edgekit row is {best.rps / ceiling:.0%} of that ceiling"
+            )
     return lines
 
 
@@ -183,6 +252,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="engine threads (default: cores)")
     p.add_argument("--smoke", action="store_true", help="small models, 1 and 16 connections, 0.5 s per cell")
+    p.add_argument(
+        "--connections",
+        type=lambda v: tuple(int(c) for c in v.split(",")),
+        help="comma-separated concurrencies (default 1,2,4,8,16,32,64; smoke 1,16)",
+    )
     p.add_argument("--out", type=Path, help="write the Markdown table and verdicts to this file (default: print)")
     args = p.parse_args(argv)
     args.argv = argv
@@ -209,7 +283,7 @@ def main(argv: list[str]) -> int:
     subjects = [s for s in SUBJECTS if not args.model or s.model in args.model]
     if args.smoke and not args.model:
         subjects = [s for s in subjects if s.model != "mlp-big"]  # the smoke MobileNetV2 stands for both
-    concurrency = SMOKE_CONCURRENCY if args.smoke else CONCURRENCY
+    concurrency = args.connections or (SMOKE_CONCURRENCY if args.smoke else CONCURRENCY)
     lines: list[str] = []
     for subject in subjects:
         print(f"# {subject.model} ({subject.fmt}, max batch {subject.max_batch_size})", flush=True)

@@ -189,7 +189,7 @@ class Batcher:
         self._adaptive = settings.batch_timeout_policy == "adaptive" and self._merge and self._timeout > 0
         if self._adaptive and costs is None:
             costs = measure_costs(backends[0], batch_sizes(settings, backends[0]), clock)
-        self.costs = BatchCosts(costs or {}, allowed=self._allowed)
+        self.costs = BatchCosts(costs or {}, allowed=self._allowed, table_rows=self._max)
         self.arrivals = ArrivalRate()
         self.policy = DelayPolicy(
             settings.batch_timeout_policy,
@@ -356,9 +356,6 @@ class Batcher:
             self._fail(items, error)
             return
         self._record(rows, padded, reason)
-        if self._adaptive:
-            with self._cond:  # the policy reads the costs under this lock
-                self.costs.observe(padded, engine_s)
         if self._on_engine is not None:
             try:
                 self._on_engine(engine_s)
@@ -368,6 +365,11 @@ class Batcher:
             self._deliver(items, out)
         except Exception as e:  # noqa: BLE001 - as above
             self._fail(items, self._failure(e, rows))
+        if self._adaptive:
+            # After the answers are on their way (this holds the GIL the event loop needs to send
+            # them), and not under _cond: the loop enqueues under it, and a lock it must wait for
+            # costs it a cross-core wake-up (tens of µs on a small VM); the costs swap in a snapshot.
+            self.costs.observe(padded, engine_s)
 
     @staticmethod
     def _failure(e: Exception, rows: int) -> EdgekitError:

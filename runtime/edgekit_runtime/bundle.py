@@ -206,7 +206,15 @@ class Manifest(_Strict):
         return names
 
     def to_json(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True).encode()
+        """The manifest as written into a bundle. ``batch_timeout_policy`` is left out while it is
+        the default (``adaptive``): runtimes older than the field reject unknown keys, and so still
+        load such a bundle (batching with their fixed delay, the only one they know); only a bundle
+        whose profile asks for ``fixed`` names it, and needs a runtime that knows it."""
+        doc = self.model_dump(mode="json")
+        batching = doc["profile"]["runtime"]["batching"]
+        if batching.get("batch_timeout_policy") == "adaptive":
+            del batching["batch_timeout_policy"]
+        return json.dumps(doc, indent=2, sort_keys=True).encode()
 
 
 def sha256_bytes(data: bytes) -> str:

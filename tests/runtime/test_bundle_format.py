@@ -36,6 +36,47 @@ def test_the_manifest_is_written_as_sorted_indented_json(bundles: dict[str, Path
     assert type(manifest).model_validate_json(data) == manifest
 
 
+#: the batching keys every schema-1 reader knows (before batch_timeout_policy came)
+_OLD_BATCHING_KEYS = {
+    "enabled",
+    "max_batch_size",
+    "batch_timeout_micros",
+    "allowed_batch_sizes",
+    "max_enqueued_batches",
+    "num_batch_threads",
+}
+
+
+def test_the_default_delay_policy_is_left_out_so_older_runtimes_still_read_the_bundle(
+    bundles: dict[str, Path],
+) -> None:
+    manifest = read_bundle(bundles["mlp"]).manifest
+    assert manifest.profile.runtime.batching.batch_timeout_policy == "adaptive"
+    written = json.loads(manifest.to_json())["profile"]["runtime"]["batching"]
+    assert set(written) == _OLD_BATCHING_KEYS
+    assert type(manifest).model_validate_json(manifest.to_json()) == manifest  # read back: adaptive again
+
+    fixed = manifest.model_copy(
+        update={
+            "profile": manifest.profile.model_copy(
+                update={
+                    "runtime": manifest.profile.runtime.model_copy(
+                        update={
+                            "batching": manifest.profile.runtime.batching.model_copy(
+                                update={"batch_timeout_policy": "fixed"}
+                            )
+                        }
+                    )
+                }
+            )
+        }
+    )
+    written = json.loads(fixed.to_json())["profile"]["runtime"]["batching"]
+    assert written["batch_timeout_policy"] == "fixed"
+    assert set(written) - _OLD_BATCHING_KEYS == {"batch_timeout_policy"}
+    assert type(manifest).model_validate_json(fixed.to_json()).profile.runtime.batching.batch_timeout_policy == "fixed"
+
+
 def test_a_bundle_is_written_compressed_into_new_folders_and_nothing_else(
     bundles: dict[str, Path], tmp_path: Path
 ) -> None:
