@@ -189,7 +189,7 @@ class Batcher:
         self._adaptive = settings.batch_timeout_policy == "adaptive" and self._merge and self._timeout > 0
         if self._adaptive and costs is None:
             costs = measure_costs(backends[0], batch_sizes(settings, backends[0]), clock)
-        self.costs = BatchCosts(costs or {}, allowed=self._allowed, table_rows=self._max)
+        self.costs = BatchCosts(costs or {}, allowed=self._allowed)
         self.arrivals = ArrivalRate()
         self.policy = DelayPolicy(
             settings.batch_timeout_policy,

@@ -43,8 +43,6 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
-import numpy as np
-
 from edgekit_runtime.bundle import BatchTimeoutPolicy
 
 __all__ = ["CLOSE_REASONS", "ArrivalRate", "BatchCosts", "Decision", "DelayPolicy"]
@@ -95,17 +93,15 @@ class ArrivalRate:
 class BatchCosts:
     """Seconds of engine time one batch costs, by rows; ``measured`` maps batch size -> seconds."""
 
-    def __init__(self, measured: Mapping[int, float], *, allowed: Sequence[int] = (), table_rows: int = 0) -> None:
-        """``table_rows``: precompute the cost of every whole batch up to that many rows (the policy's
-        max batch), so a decision reads a list instead of interpolating."""
+    def __init__(self, measured: Mapping[int, float], *, allowed: Sequence[int] = ()) -> None:
         self._lock = threading.Lock()  # between workers observing at once; readers take the snapshot
         self._sizes: list[int] = []
         self._secs: list[float] = []
         self._allowed = list(allowed)
-        self._table_rows = table_rows
-        # (sizes, floor, table): replaced as a whole, so a reader on another thread never sees half
-        # an update. floor[i] is the cheapest of sizes i.. (a batch can run as a bigger one).
-        self._snapshot: tuple[list[int], list[float], list[float]] = ([], [], [])
+        # (sizes, floor): replaced as a whole, so a reader on another thread never sees half an
+        # update. floor[i] is the cheapest of sizes i.. (a batch can run as a bigger one). It runs
+        # after every batch over the few sizes measured (2-6), in a few µs of pure Python.
+        self._snapshot: tuple[list[int], list[float]] = ([], [])
         for size, secs in sorted(measured.items()):
             self.observe(size, secs, alpha=1.0)
 
@@ -127,7 +123,7 @@ class BatchCosts:
             floor = self._secs[:]
             for j in range(len(floor) - 2, -1, -1):
                 floor[j] = min(floor[j], floor[j + 1])
-            self._snapshot = (sizes, floor, self._table(sizes, floor))
+            self._snapshot = (sizes, floor)
 
     def measured(self) -> dict[int, float]:
         with self._lock:
@@ -135,29 +131,8 @@ class BatchCosts:
 
     def __call__(self, rows: float) -> float:
         """The cost of a batch of ``rows`` (fractional: an expected count); 0 for none."""
-        sizes, floor, table = self._snapshot
-        if isinstance(rows, int) and 0 <= rows < len(table):
-            return table[rows]
+        sizes, floor = self._snapshot
         return self._estimate(sizes, floor, rows)
-
-    def _table(self, sizes: list[int], secs: list[float]) -> list[float]:
-        """``_estimate`` for 0, 1, ... table_rows rows at once (vectorised: this runs after every batch)."""
-        if not self._table_rows or not sizes:
-            return []
-        n = np.arange(self._table_rows + 1, dtype=np.float64)
-        if self._allowed:  # padded up to the next allowed size (rows past the last stay as they are)
-            allowed = np.asarray(self._allowed, dtype=np.float64)
-            i = np.searchsorted(allowed, n)
-            n = np.where(i < len(allowed), allowed[np.minimum(i, len(allowed) - 1)], n)
-        xs = np.asarray([0, *sizes], dtype=np.float64)
-        ys = np.asarray([0.0, *secs])
-        out = np.interp(n, xs, ys)  # a line from (0, 0) below the smallest size, as _estimate
-        past = n > xs[-1]
-        if past.any():  # above the largest: the last segment's slope, as _estimate
-            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
-            out[past] = ys[-1] + slope * (n[past] - xs[-1])
-        out[0] = 0.0
-        return [float(v) for v in out]
 
     def _estimate(self, sizes: list[int], secs: list[float], rows: float) -> float:
         if rows <= 0 or not sizes:

@@ -315,7 +315,7 @@ def test_the_cost_follows_the_lower_envelope_of_noisy_timings() -> None:
 
 def test_no_batch_costs_more_than_a_bigger_one() -> None:
     # a noisy size-4 figure above the size-8 one: a batch of 4 can always run as a batch of 8
-    c = BatchCosts({1: 1.0, 4: 9.0, 8: 5.0, 16: 6.0}, table_rows=16)
+    c = BatchCosts({1: 1.0, 4: 9.0, 8: 5.0, 16: 6.0})
     assert c(4) == 5.0
     assert c(2) <= c(4) <= c(8) <= c(16)
     assert [c(n) for n in range(17)] == sorted(c(n) for n in range(17))
