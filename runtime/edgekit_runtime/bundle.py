@@ -212,7 +212,7 @@ class Manifest(_Strict):
         whose profile asks for ``fixed`` names it, and needs a runtime that knows it."""
         doc = self.model_dump(mode="json")
         batching = doc["profile"]["runtime"]["batching"]
-        if batching.get("batch_timeout_policy") == "adaptive":
+        if batching.get("batch_timeout_policy") == BatchingSettings.model_fields["batch_timeout_policy"].default:
             del batching["batch_timeout_policy"]
         return json.dumps(doc, indent=2, sort_keys=True).encode()
 

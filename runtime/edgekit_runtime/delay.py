@@ -131,10 +131,7 @@ class BatchCosts:
 
     def __call__(self, rows: float) -> float:
         """The cost of a batch of ``rows`` (fractional: an expected count); 0 for none."""
-        sizes, floor = self._snapshot
-        return self._estimate(sizes, floor, rows)
-
-    def _estimate(self, sizes: list[int], secs: list[float], rows: float) -> float:
+        sizes, secs = self._snapshot  # the floor: no size above a bigger one
         if rows <= 0 or not sizes:
             return 0.0
         for size in self._allowed:  # padded up to the next allowed size

@@ -56,21 +56,9 @@ def test_the_default_delay_policy_is_left_out_so_older_runtimes_still_read_the_b
     assert set(written) == _OLD_BATCHING_KEYS
     assert type(manifest).model_validate_json(manifest.to_json()) == manifest  # read back: adaptive again
 
-    fixed = manifest.model_copy(
-        update={
-            "profile": manifest.profile.model_copy(
-                update={
-                    "runtime": manifest.profile.runtime.model_copy(
-                        update={
-                            "batching": manifest.profile.runtime.batching.model_copy(
-                                update={"batch_timeout_policy": "fixed"}
-                            )
-                        }
-                    )
-                }
-            )
-        }
-    )
+    doc = manifest.model_dump()
+    doc["profile"]["runtime"]["batching"]["batch_timeout_policy"] = "fixed"
+    fixed = type(manifest).model_validate(doc)
     written = json.loads(fixed.to_json())["profile"]["runtime"]["batching"]
     assert written["batch_timeout_policy"] == "fixed"
     assert set(written) - _OLD_BATCHING_KEYS == {"batch_timeout_policy"}
