@@ -21,6 +21,7 @@ configuration (the best edgekit row counts, --workers included).
     python bench/sweep.py                 # the full sweep: 3 models x 6 settings x 7 concurrencies, 10 s each
     python bench/sweep.py --model mlp-small --duration 5
     python bench/sweep.py --smoke         # small models, 2 concurrencies, 0.5 s per cell: a quick check
+    python bench/sweep.py --model mlp-big --rounds 3 --duration 5   # interleaved rounds on a noisy machine
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -85,8 +87,10 @@ def settings(subject: Subject, timeout_us: int, threads: int) -> list[tuple[str,
     return rows
 
 
-def sweep_subject(ctx: Context, subject: Subject, concurrency: tuple[int, ...], timeout_us: int) -> list[str]:
-    """Every cell for one model; returns the verdict lines."""
+def sweep_subject(
+    ctx: Context, subject: Subject, concurrency: tuple[int, ...], timeout_us: int, rounds: int = 1
+) -> tuple[list[str], list[Row]]:
+    """Every cell for one model: the verdict lines and one row per cell (over the rounds)."""
     spec, model_dir = ctx.model(subject.model)
     sizes = tuple(s for s in (1, 2, 4, 8, 16, 32) if s <= subject.max_batch_size)
     raw = raw_sweep(ctx, spec, model_dir, subject.fmt, sizes)
@@ -103,29 +107,47 @@ def sweep_subject(ctx: Context, subject: Subject, concurrency: tuple[int, ...], 
     _, x32 = sample_input(spec)
     expected = raw_expected(subject.fmt, model_dir, x32, ctx.threads)
     payload = v2_binary(name, _input_name(bundle), x32, "output_0")
-    cells: dict[tuple[str, int], Row] = {}
+    runs: dict[tuple[str, int], list[Row]] = {}
     floor: dict[int, Floor] = {}
-    for label, cfg, threads in settings(subject, timeout_us, ctx.threads):
-        tag = f"s5-{spec.name}-{label.replace(' ', '').replace('--', '')}"
-        with edgekit_server([bundle], batching=cfg, threads=threads, log_dir=ctx.log_dir, label=tag) as srv:
-            if label == "adaptive":
-                floor = transport_floor(ctx, srv, payload, concurrency, spec.describe())
-            for c in concurrency:
-                row = load_row(
-                    ctx,
-                    srv,
-                    payload,
-                    expected,
-                    scenario=5,
-                    who=f"edgekit {label}",
-                    spec=spec,
-                    fmt=subject.fmt,
-                    concurrency=c,
-                    batching=cfg.describe(),
-                )
-                row.threads = threads
-                cells[label, c] = row
-    return verdicts(spec.describe(), cells, concurrency, raw_b1_p50, raw_best, subject, floor, raw_cores)
+    # Rounds interleave the settings (every setting once, then again): load from elsewhere on a
+    # shared machine then falls on all settings alike instead of on whichever ran at the time.
+    for n in range(rounds):
+        for label, cfg, threads in settings(subject, timeout_us, ctx.threads):
+            tag = f"s5-{spec.name}-{label.replace(' ', '').replace('--', '')}-r{n + 1}"
+            with edgekit_server([bundle], batching=cfg, threads=threads, log_dir=ctx.log_dir, label=tag) as srv:
+                if label == "adaptive" and n == 0:
+                    floor = transport_floor(ctx, srv, payload, concurrency, spec.describe())
+                for c in concurrency:
+                    row = load_row(
+                        ctx,
+                        srv,
+                        payload,
+                        expected,
+                        scenario=5,
+                        who=f"edgekit {label}",
+                        spec=spec,
+                        fmt=subject.fmt,
+                        concurrency=c,
+                        batching=cfg.describe(),
+                    )
+                    row.threads = threads
+                    runs.setdefault((label, c), []).append(row)
+    cells = {key: median_row(rows) for key, rows in runs.items()}
+    lines = verdicts(spec.describe(), cells, concurrency, raw_b1_p50, raw_best, subject, floor, raw_cores)
+    return lines, list(cells.values())
+
+
+def median_row(rows: list[Row]) -> Row:
+    """One cell over its rounds: the median req/s and the median p50 (each over the rounds), the
+    rest from the round of median req/s; the note lists every round."""
+    if len(rows) == 1:
+        return rows[0]
+    by_rps = sorted(rows, key=lambda r: r.rps)
+    mid = by_rps[(len(rows) - 1) // 2]
+    p50s = sorted(r.p50_ms for r in rows if r.p50_ms is not None)
+    p50 = statistics.median(p50s) if p50s else None
+    rounds = " ".join(f"{r.rps:,.0f}/{r.p50_ms:.2f}" for r in rows if r.p50_ms is not None)
+    return replace(mid, rps=statistics.median(r.rps for r in rows), p50_ms=p50, note=f"rounds req/s/p50 ms: {rounds}")
 
 
 def _cores_at_best(sweep: dict[int, dict]) -> float:
@@ -225,11 +247,9 @@ def verdicts(
     return lines
 
 
-def table(rows: list[Row]) -> str:
-    out = [
-        "| model | setting | connections | req/s | p50 ms | p99 ms | rows/batch | err/non-2xx | CPU srv/wrk/other |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+def table(rows: list[Row], rounds: int) -> str:
+    head = "| model | setting | connections | req/s | p50 ms | p99 ms | rows/batch | err/non-2xx | CPU srv/wrk/other |"
+    out = [head + (" rounds (req/s / p50 ms) |" if rounds > 1 else ""), "|---" * (9 + (rounds > 1)) + "|"]
     for r in rows:
         if r.concurrency is None:
             continue
@@ -237,7 +257,7 @@ def table(rows: list[Row]) -> str:
         p99 = "-" if r.p99_ms is None else f"{r.p99_ms:.2f}"
         out.append(
             f"| {r.model} | {r.who.removeprefix('edgekit ')} | {r.concurrency} | {r.rps:,.0f} | {p50} | {p99} "
-            f"| {r.rows_per_batch} | {r.errors} | {r.cpu} |"
+            f"| {r.rows_per_batch} | {r.errors} | {r.cpu} |" + (f" {r.note.split(': ', 1)[-1]} |" if rounds > 1 else "")
         )
     return "\n".join(out)
 
@@ -256,6 +276,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--connections",
         type=lambda v: tuple(int(c) for c in v.split(",")),
         help="comma-separated concurrencies (default 1,2,4,8,16,32,64; smoke 1,16)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every setting this many times, interleaved; a cell is the median (default 1)",
     )
     p.add_argument("--out", type=Path, help="write the Markdown table and verdicts to this file (default: print)")
     args = p.parse_args(argv)
@@ -284,10 +310,16 @@ def main(argv: list[str]) -> int:
     if args.smoke and not args.model:
         subjects = [s for s in subjects if s.model != "mlp-big"]  # the smoke MobileNetV2 stands for both
     concurrency = args.connections or (SMOKE_CONCURRENCY if args.smoke else CONCURRENCY)
+    if args.rounds < 1:
+        print("--rounds must be at least 1", file=sys.stderr)
+        return 2
     lines: list[str] = []
+    cells: list[Row] = []
     for subject in subjects:
         print(f"# {subject.model} ({subject.fmt}, max batch {subject.max_batch_size})", flush=True)
-        lines += sweep_subject(ctx, subject, concurrency, args.timeout)
+        verdict_lines, rows = sweep_subject(ctx, subject, concurrency, args.timeout, args.rounds)
+        lines += verdict_lines
+        cells += rows
     took = time.perf_counter() - started
     report = "\n".join(
         [
@@ -295,7 +327,13 @@ def main(argv: list[str]) -> int:
             "",
             *environment(ctx),
             "",
-            table(ctx.rows),
+            *(
+                [f"- {args.rounds} rounds, the settings interleaved; a cell's req/s and p50: medians of its rounds"]
+                if args.rounds > 1
+                else []
+            ),
+            "",
+            table(cells, args.rounds),
             "",
             *[f"- {line}" for line in lines],
             "",

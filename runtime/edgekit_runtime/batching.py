@@ -186,6 +186,7 @@ class Batcher:
         self._on_engine = on_engine  # seconds the engine took for each batch that ran
         self._on_close = on_close
         self._clock = clock
+        self._idle: Callable[[], int | None] | None = None
         self._adaptive = settings.batch_timeout_policy == "adaptive" and self._merge and self._timeout > 0
         if self._adaptive and costs is None:
             costs = measure_costs(backends[0], batch_sizes(settings, backends[0]), clock)
@@ -211,6 +212,11 @@ class Batcher:
     def set_on_close(self, on_close: Callable[[str], None] | None) -> None:
         """Where each batch's close reason goes (the runtime wires its ``/metrics`` counter here)."""
         self._on_close = on_close
+
+    def set_idle_source(self, idle: Callable[[], int | None] | None) -> None:
+        """How many clients could send a request now (the HTTP server's connections with none in
+        flight), or None when unknown: the adaptive policy waits for no more rows than they can send."""
+        self._idle = idle
 
     # -- submitting ---------------------------------------------------------------------------
 
@@ -263,6 +269,8 @@ class Batcher:
                 self.arrivals.arrive(task.enqueued, task.rows)
             if was_empty or not self._merge or self._queued >= self._max:
                 self._cond.notify()
+            elif self._adaptive and self._idle is not None and self._idle() == 0:
+                self._cond.notify()  # nobody else can send: a worker waiting for more runs it now
 
     # -- working ------------------------------------------------------------------------------
 
@@ -272,7 +280,8 @@ class Batcher:
             return _ONE_REQUEST
         if self._closed:  # unloading: drain without waiting
             return Decision("full" if self._queued >= self._max else "early")
-        return self.policy.decide(self._clock(), self._queued, self._queue[0].enqueued)
+        idle = self._idle() if self._adaptive and self._idle is not None else None
+        return self.policy.decide(self._clock(), self._queued, self._queue[0].enqueued, idle)
 
     def _work(self, backend: Backend) -> None:
         cond = self._cond

@@ -88,6 +88,7 @@ class Figures:
 class _QueueCollector(Collector):
     def __init__(self) -> None:
         self.source: QueueSource | None = None
+        self.connections: Callable[[], tuple[int, int]] | None = None
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
@@ -99,6 +100,17 @@ class _QueueCollector(Collector):
             for model, version, rows in self.source():
                 depth.add_metric([model, version], rows)
         yield depth
+        if self.connections is not None:
+            ready, waiting = self.connections()
+            conns = GaugeMetricFamily(
+                "edgekit_http_connections",
+                "Open connections of the native HTTP server: waiting (a request in flight, nothing more "
+                "comes before its answer) or ready (could send a request now; pipelining ones count here)",
+                labels=["state"],
+            )
+            conns.add_metric(["ready"], ready)
+            conns.add_metric(["waiting"], waiting)
+            yield conns
 
     def describe(self) -> Iterator[Metric]:
         return iter(())
@@ -158,6 +170,10 @@ class Metrics:
 
     def set_queue_source(self, source: QueueSource) -> None:
         self._queue.source = source
+
+    def set_connection_source(self, source: Callable[[], tuple[int, int]] | None) -> None:
+        """(ready, waiting) connections of the HTTP server, for ``edgekit_http_connections``."""
+        self._queue.connections = source
 
     def for_model(self, name: str, version: int) -> ModelMetrics:
         v = str(version)
@@ -229,8 +245,9 @@ class _Families(Collector):
 def merge_expositions(texts: Iterable[str]) -> bytes:
     """Several processes' expositions (``--workers``) as one: each sample summed over the processes
     by name and labels. Counters, and a histogram's buckets, sum and count, add up exactly (the
-    buckets are the same everywhere); the one gauge, ``edgekit_queue_depth``, becomes the rows
-    waiting in all processes together."""
+    buckets are the same everywhere); the gauges, ``edgekit_queue_depth`` and
+    ``edgekit_http_connections``, become the rows waiting and the connections open in all processes
+    together."""
     families: dict[str, Metric] = {}
     values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in texts:

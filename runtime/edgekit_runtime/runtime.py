@@ -141,6 +141,7 @@ class Runtime:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._started = False
+        self._idle_source: Callable[[], int] | None = None
         self.problems: list[str] = []
         # What each source offered at the last scan (model names), and its problems: readiness is
         # judged per source, so a source whose only bundle is corrupt keeps the server unready.
@@ -148,6 +149,15 @@ class Runtime:
         self._source_problems: dict[Path, list[str]] = {}
         for s in sources:
             self.add_source(s)
+
+    def set_idle_source(self, source: Callable[[], int] | None) -> None:
+        """Where the batchers' adaptive delay learns how many clients could send a request now: the
+        native HTTP server's count of connections with none in flight (see delay.py)."""
+        self._idle_source = source
+
+    def idle_clients(self) -> int | None:
+        source = self._idle_source
+        return None if source is None else source()
 
     # -- sources and versions -----------------------------------------------------------------
 
@@ -276,6 +286,7 @@ class Runtime:
             metrics = self.metrics.for_model(m.name, v)
             lm = LoadedModel.load(bundle, settings, origin=cand.origin, key=cand.key, metrics=metrics)
             lm.batcher.set_on_close(metrics.on_close)  # before the switch: no batch has run yet
+            lm.batcher.set_idle_source(self.idle_clients)
         except Exception as e:  # noqa: BLE001 - any failure of one version must leave the rest serving
             err = e if isinstance(e, EdgekitError) else EdgekitError(f"{type(e).__name__}: {e}")
             if self._gate is not None:

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from edgekit_runtime.batching import Batcher, measure_costs
 from edgekit_runtime.bundle import BatchingSettings
-from edgekit_runtime.delay import ArrivalRate, BatchCosts, DelayPolicy
+from edgekit_runtime.delay import ArrivalRate, BatchCosts, Decision, DelayPolicy
 from tests.runtime.test_batching import WAIT, FakeBackend, rows
 
 MS = 1e-3
@@ -350,3 +350,107 @@ def test_a_wait_is_never_shorter_than_the_floor_nor_past_the_deadline() -> None:
     assert d.until == pytest.approx(last + 50e-6)
     d = p.decide(last, 1, last - 2 * MS + 10e-6)  # 10 us left before the timeout
     assert d.until == pytest.approx(last + 10e-6)
+
+
+# -- who can still send: keep-alive clients waiting for their answers send nothing more -----------
+
+
+def test_adaptive_waits_only_while_some_client_could_send() -> None:
+    p = policy(WEIGHT_BOUND)
+    last = arrive_every(p, 0.05 * MS, 200)  # 20,000 rows/s: waiting pays, as far as the rate tells
+    assert p.decide(last, 8, last).close is None  # nothing known of the clients: it waits
+    assert p.decide(last, 8, last, idle=1).close is None  # one client could still send
+    assert p.decide(last, 8, last, idle=0).close == "early"  # every client is waiting for an answer
+    assert p.decide(last, 32, last, idle=3).close == "full"
+    fixed = policy(WEIGHT_BOUND, kind="fixed")
+    assert fixed.decide(last, 8, last, idle=0) == (None, last + 2 * MS)  # TF Serving's rule ignores it
+
+
+def closed_loop(
+    settings: BatchingSettings, costs: dict[int, float], clients: int, requests: int, *, bounded: bool
+) -> tuple[list[int], list[str], list[float]]:
+    """``clients`` that each send a one-row request, wait for its answer, and send the next 50 µs
+    later (wrk, a camera loop), through a thread-less batcher on a scripted clock; ``bounded``: the
+    batcher knows how many of them are not waiting for an answer (as the native HTTP server tells
+    it). Checks every answer's rows; returns batch sizes, close reasons and request latencies."""
+    think = 0.05 * MS
+    clock = Clock()
+    be = CostBackend(clock, BatchCosts(costs))
+    reasons: list[str] = []
+    b = Batcher([be], settings, costs=costs, clock=clock, start=False, on_close=reasons.append)
+    next_send = [clock.now + i * 0.01 * MS for i in range(clients)]  # None while one is in flight
+    in_flight: dict[int, tuple[np.ndarray, concurrent.futures.Future[dict[str, np.ndarray]], float]] = {}
+    if bounded:
+        b.set_idle_source(lambda: clients - len(in_flight))
+    latencies: list[float] = []
+    sent = 0
+    while sent < requests or in_flight:
+        for c in range(clients):
+            t = next_send[c]
+            if c not in in_flight and t is not None and t <= clock.now and sent < requests:
+                x = rows(1, 1000 * sent)
+                in_flight[c] = (x, b.submit({"x": x}, 1), clock.now)
+                sent += 1
+        d = b.step()
+        for c, (x, fut, t0) in list(in_flight.items()):
+            if fut.done():
+                np.testing.assert_array_equal(fut.result(0)["y"], x * 2)
+                latencies.append(clock.now - t0)
+                del in_flight[c]
+                next_send[c] = clock.now + think
+        if d is not None and d.close is not None:
+            continue
+        wake = [t for c, t in enumerate(next_send) if c not in in_flight and t is not None and sent < requests]
+        if d is not None:
+            wake.append(d.until)
+        assert wake, "nothing queued, nothing to come, yet the loop goes on"
+        clock.now = max(clock.now, min(wake))
+    b.close()
+    return be.batches, reasons, latencies
+
+
+def test_closed_loop_clients_are_not_kept_waiting_for_rows_they_cannot_send() -> None:
+    # 4 clients against a weight-bound engine: the rate says rows keep coming, but once all 4 are
+    # queued nobody can send.
+    wide = adaptive(max_batch_size=32, batch_timeout_micros=2000)
+    costs = {1: 1.0 * MS, 32: 1.6 * MS}
+    unbounded, _, slow = closed_loop(wide, costs, 4, 400, bounded=False)
+    batches, reasons, lat = closed_loop(wide, costs, 4, 400, bounded=True)
+    assert np.mean(batches[5:]) > 3.5  # they still batch: all 4 rows together
+    assert set(reasons) == {"early"}  # never held for the 2 ms deadline
+    assert np.mean(batches) == pytest.approx(np.mean(unbounded))
+    # unbounded, each batch of 4 waits for a fifth row until the silence shows in the rate (about
+    # as long again as the batch costs); bounded, it runs as soon as the fourth is in
+    assert float(np.median(lat)) < float(np.median(slow)) - 0.5 * MS
+    assert float(np.median(lat)) < 1.2 * MS
+    assert len(lat) == 400
+
+
+def test_a_waiting_worker_runs_at_once_when_the_last_idle_client_sends() -> None:
+    # A real worker thread; the costs are scripted so that waiting a minute for one more row pays.
+    slow = {1: 100.0, 2: 100.0, 8: 100.0}
+    be = FakeBackend()
+    b = Batcher([be], adaptive(batch_timeout_micros=600_000_000), costs=slow)
+    idle = [1]
+    b.set_idle_source(lambda: idle[0])
+    now = b._clock()
+    for i in range(20):  # a row a minute until now: the next is expected in about a minute
+        b.arrivals.arrive(now - 60 * (20 - i), 1)
+    decide, waiting = b.policy.decide, threading.Event()
+
+    def watched(*args: object, **kw: object) -> Decision:
+        d = decide(*args, **kw)  # type: ignore[arg-type]
+        if d.close is None:
+            waiting.set()
+        return d
+
+    b.policy.decide = watched  # type: ignore[method-assign]
+    first = b.submit({"x": rows(1)}, 1)
+    assert waiting.wait(WAIT)  # the worker waits for the one idle client's row
+    assert not first.done()
+    idle[0] = 0
+    second = b.submit({"x": rows(1, 10)}, 1)  # that client sent: nobody is left
+    np.testing.assert_array_equal(first.result(WAIT)["y"], rows(1) * 2)  # would hang without a wake-up
+    np.testing.assert_array_equal(second.result(WAIT)["y"], rows(1, 10) * 2)
+    assert be.batches == [2]
+    b.close()

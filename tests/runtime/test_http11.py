@@ -430,3 +430,56 @@ def test_the_servers_own_refusals_are_counted_like_every_error_reply(port: int) 
     with connect(port) as sock:
         assert http(sock, post_head("/v1/models/mlp:predict", f"Content-Length: {LIMIT + 1}\r\n"))[0][0] == 413
     assert (_http_errors(port, 400, "http"), _http_errors(port, 413, "http")) == (before[0] + 1, before[1] + 1)
+
+
+def _connections(port: int) -> dict[str, float]:
+    """edgekit_http_connections by state, read over a fresh connection (which counts as waiting)."""
+    with connect(port) as sock:
+        [(status, _, body)] = http(sock, get("/metrics"))
+    assert status == 200
+    found = {
+        s.labels["state"]: s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "edgekit_http_connections"
+    }
+    assert set(found) == {"ready", "waiting"}, found
+    return found
+
+
+def test_the_server_counts_connections_that_could_send_and_those_waiting_for_an_answer(
+    bundles: dict[str, Path],
+) -> None:
+    """What the adaptive delay bounds its wait by: a client waiting for its answer sends nothing more."""
+    p = free_port()
+    wait = ("--batch-timeout-micros", "600000000", "--batch-timeout-policy", "fixed")  # a 3-row request stays queued
+    proc = _serve(bundles["mlp"], p, "--max-batch-size", "4", *wait)
+    socks: list[socket.socket] = []
+    try:
+        wait_ready(proc, p)
+        assert _connections(p) == {"ready": 0, "waiting": 1}
+        for _ in range(2):  # two keep-alive clients, answered and now idle
+            s = connect(p)
+            socks.append(s)
+            assert http(s, get("/v2/health/live"))[0][0] == 200
+        piped = connect(p)  # one that pipelines: it may send more while waiting, so it stays ready
+        socks.append(piped)
+        assert [r[0] for r in http(piped, get("/v2/health/live") * 2, count=2)] == [200, 200]
+        assert _connections(p) == {"ready": 3, "waiting": 1}
+        stuck = connect(p)
+        socks.append(stuck)
+        stuck.sendall(post("/v1/models/mlp:predict", PREDICT))  # 3 rows: waits for a 4th
+        end = time.monotonic() + 30
+        while _metric(p, "edgekit_queue_depth") < 3:
+            assert time.monotonic() < end, "the request never reached the queue"
+            time.sleep(0.02)
+        assert _connections(p) == {"ready": 3, "waiting": 2}
+        stuck.close()  # hangs up: neither ready nor waiting any more
+        end = time.monotonic() + 30
+        while _connections(p) != {"ready": 3, "waiting": 1}:
+            assert time.monotonic() < end, "the closed connection is still counted"
+            time.sleep(0.02)
+    finally:
+        for s in socks:
+            s.close()
+        _stop(proc)

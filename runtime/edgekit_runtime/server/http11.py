@@ -88,9 +88,17 @@ class HttpServer:
         self.request_timeout_s = request_timeout_s
         self.clock = _Clock()
         self.connections: set[_Connection] = set()
+        self.busy = 0  # connections with a request in flight that cannot send another before its answer
+        app.runtime.set_idle_source(self.idle_clients)
+        app.runtime.metrics.set_connection_source(lambda: (self.idle_clients(), self.busy))
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
         self.stopping = False
+
+    def idle_clients(self) -> int:
+        """Connections that could send a request now: none in flight, or one that pipelines. The
+        adaptive batching delay waits for no more requests than these (delay.py)."""
+        return len(self.connections) - self.busy
 
     async def start(self, sock: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -137,6 +145,8 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         # Requests in arrival order: each reply's future and how the reply is framed.
         self.pending: deque[tuple[asyncio.Future[Reply], _Mode]] = deque()
+        self.counted_busy = False  # counted in server.busy: one request in flight, not pipelining
+        self.pipelined = False  # sent a request before the last one was answered: never counted busy
         self.continue_owed = False  # a 100 Continue to send once the replies before it are out
         self.closing = False  # no more requests are read; close once the pending ones are answered
         self.reading_paused = False
@@ -162,6 +172,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self._not_busy()
         self.closing = True
         for fut, _ in self.pending:
             fut.cancel()  # nobody is left to answer; the batcher drops the cancelled request's rows
@@ -256,6 +267,13 @@ class _Connection(asyncio.Protocol):
 
     def _queue(self, fut: asyncio.Future[Reply], mode: _Mode) -> None:
         self.pending.append((fut, mode))
+        if len(self.pending) == 1:
+            if not self.pipelined and not self.counted_busy:
+                self.counted_busy = True
+                self.server.busy += 1
+        elif not self.pipelined:
+            self.pipelined = True
+            self._not_busy()
         fut.add_done_callback(self._flush)
         self._update_reading()
 
@@ -276,6 +294,8 @@ class _Connection(asyncio.Protocol):
                 self._write(reply, mode._replace(keep_alive=False))
                 continue
             self._write(fut.result(), mode)
+        if not pending:
+            self._not_busy()
         if not pending and self.continue_owed and self.transport is not None:
             self.continue_owed = False
             self.transport.write(_CONTINUE)
@@ -314,6 +334,11 @@ class _Connection(asyncio.Protocol):
         else:
             head.append(body)
             transport.write(b"".join(head))
+
+    def _not_busy(self) -> None:
+        if self.counted_busy:
+            self.counted_busy = False
+            self.server.busy -= 1
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer (after any pending replies) and close: the rest of this connection is unreadable.
